@@ -1,0 +1,30 @@
+"""Inference engines. `create_engine` is the single switch between PyTorch and ONNX Runtime."""
+
+from __future__ import annotations
+
+from .base import Engine, EngineInfo, EngineUnavailableError
+from .torch_engine import TorchEngine, resolve_device
+
+ENGINES = ("torch", "onnx")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def create_engine(model: str = "tinysam", *, engine: str = "torch", precision: str = "fp32",
+                  device: str = "auto", threads: int | None = None, **options) -> Engine:
+    """Load `model` (registry name or checkpoint path) and wrap it in the requested engine."""
+    from ..models.registry import load_model_with_info
+
+    if engine not in ENGINES:
+        raise EngineUnavailableError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+    if precision not in PRECISIONS:
+        raise EngineUnavailableError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if engine == "onnx":
+        from .onnx_engine import OnnxEngine  # optional dependency
+
+        return OnnxEngine.from_model(model, precision=precision, device=device, threads=threads, **options)
+    net, name, sha = load_model_with_info(model, device="cpu")
+    return TorchEngine(net, device=device, precision=precision, model_name=name, model_sha256=sha,
+                       threads=threads)
+
+
+__all__ = ["Engine", "EngineInfo", "EngineUnavailableError", "TorchEngine", "create_engine", "resolve_device"]
