@@ -199,12 +199,13 @@ def infer_config(state: dict[str, torch.Tensor], img_size: int = 1024) -> ModelC
     else:
         raise CheckpointError("not a TinySAM/MobileSAM/SAM checkpoint: no image_encoder.* keys")
     dim = state["prompt_encoder.no_mask_embed.weight"].shape[1]
+    attn_dim = state["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"].shape[0]
     layers = {int(m.group(1)) for k in state if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k))}
     decoder = DecoderConfig(
         prompt_embed_dim=dim,
         transformer_depth=max(layers) + 1,
         transformer_mlp_dim=state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
-        attention_downsample_rate=dim // state["mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"].shape[0],
+        attention_downsample_rate=dim // attn_dim,
         iou_head_hidden_dim=state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
         mask_in_chans=state["prompt_encoder.mask_downscaling.3.weight"].shape[0],
         num_multimask_outputs=state["mask_decoder.mask_tokens.weight"].shape[0] - 1,

@@ -148,9 +148,13 @@ class TinySamPredictor:
         x = F.pad(x, (0, self.img_size - nw, 0, self.img_size - nh))
         return x, (nh, nw)
 
-    def embed(self, image, image_format: str = "RGB", key: str | None = None) -> ImageEmbedding:
-        """Embedding of `image` (array, PIL image, path or bytes), from the cache when possible."""
-        if key is not None:
+    def embed(self, image, image_format: str = "RGB", key: str | None = None,
+              cache: bool = True) -> ImageEmbedding:
+        """Embedding of `image` (array, PIL image, path or bytes), from the cache when possible.
+
+        `cache=False` for images seen once (batch runs), so they don't evict interactive ones.
+        """
+        if key is not None and cache:
             hit = self.cache.get(f"user:{key}")
             if hit is not None:
                 return hit
@@ -158,16 +162,21 @@ class TinySamPredictor:
             rgb = to_rgb_uint8(image, image_format)
         else:
             rgb = load_image(image)
-        cache_key = f"user:{key}" if key is not None else f"content:{content_key(rgb)}"
-        if key is None:
+        if key is not None:
+            cache_key = f"user:{key}"
+        elif cache:
+            cache_key = f"content:{content_key(rgb)}"
             hit = self.cache.get(cache_key)
             if hit is not None:
                 return hit
+        else:
+            cache_key = "uncached"
         tensor, input_size = self.preprocess(rgb)
         emb = self.engine.encode(tensor)
         item = ImageEmbedding(cache_key, emb, (rgb.shape[0], rgb.shape[1]), input_size,
                               self.engine.embedding_nbytes(emb))
-        self.cache.put(item)
+        if cache:
+            self.cache.put(item)
         return item
 
     def set_image(self, image, image_format: str = "RGB", key: str | None = None) -> ImageEmbedding:

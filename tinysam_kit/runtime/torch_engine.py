@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import threading
+import weakref
+from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..models.sam import TinySam
 from .base import EngineInfo, EngineUnavailableError
+from .fast_decoder import DecoderImageSide, DecoderPromptSide
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -30,23 +39,127 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags (Linux /proc/cpuinfo); empty where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """bf16 is only worth it on CPUs with bf16 matrix instructions (AMX or AVX512-BF16); elsewhere
+    oneDNN emulates it and it is slower than fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def check_precision(precision: str, device: torch.device, flags: frozenset[str] | None = None) -> torch.dtype:
+    """dtype for `precision` on `device`, or a one-line EngineUnavailableError saying what to use instead."""
+    if precision not in DTYPES:
+        raise EngineUnavailableError(
+            f"precision {precision!r} is not available on the torch engine (use fp32, fp16, bf16; "
+            "int8 runs on the onnx engine)"
+        )
+    if precision == "fp16" and device.type != "cuda":
+        raise EngineUnavailableError("fp16 needs a CUDA device; on CPU use fp32 or bf16")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16(flags):
+        raise EngineUnavailableError(
+            "bf16 on CPU needs bf16 matrix instructions (AMX or AVX512-BF16), which this processor lacks; use fp32"
+        )
+    return DTYPES[precision]
+
+
+def fold_batchnorms(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a bias-free convolution into it (in place).
+
+    TinyViT's `Conv2dBN` blocks are conv → BN pairs; folding removes one memory pass per convolution.
+    Returns the number of folded pairs.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    count = 0
+    for parent in module.modules():
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            conv, bn = parent._modules[first], parent._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                parent._modules[first] = fuse_conv_bn_eval(conv, bn)
+                parent._modules[second] = nn.Identity()
+                count += 1
+    return count
+
+
+class ImageSideCache:
+    """Per-embedding results of the decoder's image side, keyed by the embedding object's identity.
+
+    Entries die with their embedding (weak reference) and at most `size` are kept, so the cache never holds
+    memory the predictor's embedding cache has already released.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._items: OrderedDict[int, tuple[weakref.ref, tuple]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, embedding, compute):
+        key = id(embedding)
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and item[0]() is embedding:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return item[1]
+        value = compute()
+        with self._lock:
+            self.misses += 1
+            self._items[key] = (weakref.ref(embedding, lambda _ref, k=key: self._drop(k, _ref)), value)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def _drop(self, key: int, ref: weakref.ref) -> None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and item[0] is ref:
+                del self._items[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class TorchEngine:
-    """Runs a `TinySam` module. fp32 is the exact path; fp16/bf16 trade exactness for speed."""
+    """Runs a `TinySam` module.
+
+    fp32 with `exact=True` is the reference path (the model's own forward code, unchanged). The default
+    (`exact=False`) keeps fp32 answers (max |Δ| ≤ 1e-4) while folding BatchNorm into convolutions, using
+    channels-last memory for the encoder on CPU, and splitting the decoder so its prompt-independent work is
+    done once per image. fp16/bf16 trade exactness for speed; `compile=True` adds `torch.compile`.
+    """
 
     def __init__(self, model: TinySam, *, device: str = "auto", precision: str = "fp32",
-                 model_name: str = "custom", model_sha256: str | None = None, threads: int | None = None):
+                 model_name: str = "custom", model_sha256: str | None = None, threads: int | None = None,
+                 exact: bool = False, channels_last: bool | None = None, compile: bool = False,
+                 image_cache_size: int = 8):
         self.device = resolve_device(device)
-        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if precision not in dtypes:
-            raise EngineUnavailableError(
-                f"precision {precision!r} is not available on the torch engine (use fp32, fp16, bf16; "
-                "int8 runs on the onnx engine)"
-            )
-        if precision == "fp16" and self.device.type != "cuda":
-            raise EngineUnavailableError("fp16 needs a CUDA device; on CPU use fp32 or bf16")
+        self.dtype = check_precision(precision, self.device)
         if threads:
+            if int(threads) < 1:
+                raise EngineUnavailableError(f"threads must be a positive number, got {threads}")
             torch.set_num_threads(int(threads))
-        self.dtype = dtypes[precision]
+        self.threads = torch.get_num_threads()
+        self.exact = exact
         self.model = model.to(self.device, self.dtype).eval()
         self._lock = threading.Lock()
         cfg = model.config
@@ -54,21 +167,64 @@ class TorchEngine:
                                cfg.img_size, cfg.low_res_size)
         with torch.inference_mode():
             self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        self.image_side_cache = ImageSideCache(image_cache_size)
+        if exact:
+            self.encoder = self.model.image_encoder
+            self.channels_last = False
+            self._image_side = self._prompt_side = None
+            return
+        # The optimised encoder is a copy, so folding never alters a model the caller still holds.
+        self.encoder = copy.deepcopy(self.model.image_encoder)
+        fold_batchnorms(self.encoder)
+        self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
+        if self.channels_last:
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        self._image_side = DecoderImageSide(self.model).to(self.device, self.dtype).eval()
+        self._prompt_side = DecoderPromptSide(self.model).to(self.device, self.dtype).eval()
+        if compile:
+            self.encoder = torch.compile(self.encoder, dynamic=False)
+            self._prompt_side = torch.compile(self._prompt_side, dynamic=True)
+
+    @property
+    def decoder_mode(self) -> str:
+        return "exact" if self.exact else "split"
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.to(self.device, self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with self._lock, torch.inference_mode():
-            return self.model.encode(image.to(self.device, self.dtype))
+            return self.encoder(x).contiguous()
+
+    def _put(self, t):
+        return None if t is None else t.to(self.device, self.dtype)
+
+    def image_side(self, embedding: torch.Tensor, dense: torch.Tensor | None = None) -> tuple:
+        """Prompt-independent decoder tensors; cached per embedding when there is no mask input."""
+        with torch.inference_mode():
+            if dense is not None:
+                return self._image_side(embedding, dense)
+            nomask = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            return self.image_side_cache.get(embedding, lambda: self._image_side(embedding, nomask))
 
     def decode(self, embedding, point_coords, point_labels, boxes, mask_input):
-        def put(t):
-            return None if t is None else t.to(self.device, self.dtype)
-
         with torch.inference_mode():
             pe = self.model.prompt_encoder
-            points = (put(point_coords), put(point_labels)) if point_coords is not None else None
-            sparse, dense = pe(points, put(boxes), put(mask_input))
-            logits, iou = self.model.mask_decoder(embedding, self._dense_pe, sparse, dense)
+            points = (self._put(point_coords), self._put(point_labels)) if point_coords is not None else None
+            if self.exact:
+                sparse, dense = pe(points, self._put(boxes), self._put(mask_input))
+                logits, iou = self.model.mask_decoder(embedding, self._dense_pe, sparse, dense)
+            else:
+                sparse, dense = pe(points, self._put(boxes), None)
+                if mask_input is not None:
+                    dense = pe.embed_masks(self._put(mask_input))
+                    side = self.image_side(embedding, dense)
+                else:
+                    side = self.image_side(embedding)
+                logits, iou = self._prompt_side(*side, sparse)
             return logits.float().cpu(), iou.float().cpu()
 
     def embedding_nbytes(self, embedding: torch.Tensor) -> int:
-        return embedding.numel() * embedding.element_size()
+        # The decoder's image-side cache entry lives as long as the embedding: about 2.5× its size.
+        nbytes = embedding.numel() * embedding.element_size()
+        return nbytes if self.exact else nbytes * 7 // 2

@@ -1,0 +1,305 @@
+"""The plugin's operators, driven through FiftyOne's own executor and delegated-operation service, on a
+real FiftyOne database (private mongod per test session)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiftyone_helpers import PLUGIN_URI, fiftyone_env, make_images
+
+FAST = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+
+
+@pytest.fixture(scope="module")
+def fo():
+    fiftyone_env()
+    import fiftyone
+
+    return fiftyone
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("fo_images"), 4)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_random_checkpoint):
+    from tinysam_kit.plugin.predictors import get_predictor
+
+    return get_predictor(str(tiny_random_checkpoint))
+
+
+@pytest.fixture
+def dataset(fo, images):
+    ds = fo.Dataset()
+    ds.add_samples([fo.Sample(filepath=str(p)) for p in images], progress=False)
+    yield ds
+    ds.delete()
+
+
+def run(operator: str, dataset, params: dict, **ctx):
+    from fiftyone.operators import execute_operator
+
+    return execute_operator(f"{PLUGIN_URI}/{operator}", dataset=dataset, params=params, **ctx)
+
+
+def everything_params(model, **extra):
+    return {"model": str(model), "label_field": "sam", **FAST, **extra}
+
+
+def full_mask(det, width, height):
+    """The detection's mask pasted back into a full-image canvas."""
+    x, y, w, h = det.bounding_box
+    x0, y0 = round(x * width), round(y * height)
+    mask = det.get_mask()
+    canvas = np.zeros((height, width), dtype=bool)
+    canvas[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] = mask > 0
+    assert mask.shape == (round(h * height), round(w * width))
+    return canvas
+
+
+def field_content(dataset, field):
+    out = []
+    for sample in dataset.sort_by("filepath"):
+        dets = sample[field]
+        out.append(None if dets is None else [
+            (d.label, tuple(np.round(d.bounding_box, 9)), round(d.confidence, 6), d.get_mask().tobytes())
+            for d in dets.detections])
+    return out
+
+
+def test_plugin_and_operators_are_discovered(fo):
+    import fiftyone.plugins as fop
+    from fiftyone.operators import list_operators
+
+    assert PLUGIN_URI in [p.name for p in fop.list_plugins()]
+    uris = {op.uri for op in list_operators()}
+    for name in ("segment_everything", "segment_with_prompts", "segment_selected_labels", "show_run_summary"):
+        assert f"{PLUGIN_URI}/{name}" in uris
+
+
+def test_segment_everything_immediate_matches_core(dataset, tiny_random_checkpoint, predictor):
+    from tinysam_kit.operators.everything import generate_everything
+    from tinysam_kit.operators.images import load_image
+
+    result = run("segment_everything", dataset, everything_params(tiny_random_checkpoint, label="thing",
+                                                                  instance_map_field="sam_ids"))
+    assert result.error is None, result.error
+    assert result.result["processed"] == 4 and result.result["failed"] == 0
+    for sample in dataset:
+        image = load_image(sample.filepath)
+        h, w = image.shape[:2]
+        records = generate_everything(predictor, image, **FAST)
+        dets = sample.sam.detections
+        assert len(dets) == len(records) > 0
+        for det, rec in zip(dets, records):
+            assert det.label == "thing"
+            assert det.confidence == pytest.approx(rec["predicted_iou"], abs=1e-6)
+            np.testing.assert_array_equal(full_mask(det, w, h), rec["segmentation"])
+        ids = sample.sam_ids.get_mask()
+        assert ids.shape == (h, w) and ids.max() == len(dets)
+    info = dataset.get_run_info("tinysam_sam").config.serialize()
+    assert info["model_version"] == predictor.model_version
+    assert info["precision"] == "fp32" and info["parameters"]["everything"]["points_per_side"] == 8
+
+
+def test_everything_writes_masks_to_disk(dataset, tiny_random_checkpoint, tmp_path):
+    params = everything_params(tiny_random_checkpoint, masks_on_disk=True, mask_dir=str(tmp_path / "masks"))
+    result = run("segment_everything", dataset, params)
+    assert result.error is None, result.error
+    det = dataset.first().sam.detections[0]
+    assert det.mask is None and det.mask_path.startswith(str(tmp_path / "masks" / "sam"))
+    assert det.get_mask().any()
+
+
+def test_max_masks_and_label_options(dataset, tiny_random_checkpoint):
+    params = everything_params(tiny_random_checkpoint, max_masks=1, points_per_side=16, box_nms_thresh=1.0)
+    assert run("segment_everything", dataset, params).error is None
+    assert max(len(s.sam.detections) for s in dataset) == 1
+
+
+def test_never_overwrites_an_existing_field(fo, dataset, tiny_random_checkpoint):
+    for sample in dataset:
+        sample["gt"] = fo.Detections(detections=[fo.Detection(label="a", bounding_box=[0.1, 0.1, 0.5, 0.5])])
+        sample.save()
+    before = [s.to_dict() for s in dataset]
+    with pytest.raises(Exception, match="already exists and was not written by TinySAM"):
+        run("segment_everything", dataset, everything_params(tiny_random_checkpoint, label_field="gt"))
+    assert [s.to_dict() for s in dataset] == before
+    result = run("segment_everything", dataset, everything_params(tiny_random_checkpoint, label_field="gt",
+                                                                  overwrite=True))
+    assert result.error is None
+    assert all(d.label == "object" for s in dataset for d in s.gt.detections)
+
+
+def test_different_settings_refuse_to_mix_into_one_field(dataset, tiny_random_checkpoint):
+    assert run("segment_everything", dataset, everything_params(tiny_random_checkpoint)).error is None
+    with pytest.raises(Exception, match="different settings.*points_per_side|different settings"):
+        run("segment_everything", dataset, everything_params(tiny_random_checkpoint, points_per_side=4))
+
+
+def test_resume_skips_done_samples_and_equals_a_single_run(fo, dataset, tiny_random_checkpoint):
+    reference = dataset.clone()
+    try:
+        assert run("segment_everything", reference, everything_params(tiny_random_checkpoint)).error is None
+        first_two = dataset.limit(2).values("id")
+        part = run("segment_everything", dataset, {**everything_params(tiny_random_checkpoint),
+                                                   "view_target": "SELECTED_SAMPLES"}, selected=first_two)
+        assert part.result["processed"] == 2
+        rest = run("segment_everything", dataset, everything_params(tiny_random_checkpoint))
+        assert rest.result["processed"] == 2 and rest.result["already_done"] == 2
+        again = run("segment_everything", dataset, everything_params(tiny_random_checkpoint))
+        assert again.result["processed"] == 0 and again.result["already_done"] == 4
+        assert field_content(dataset, "sam") == field_content(reference, "sam")
+    finally:
+        reference.delete()
+
+
+def test_missing_and_corrupt_files_are_reported_and_skipped(fo, dataset, tiny_random_checkpoint, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    dataset.add_samples([fo.Sample(filepath=str(tmp_path / "missing.jpg")), fo.Sample(filepath=str(corrupt))],
+                        progress=False)
+    result = run("segment_everything", dataset, everything_params(tiny_random_checkpoint))
+    assert result.error is None
+    assert result.result["processed"] == 4 and result.result["failed"] == 2
+    errors = {e["filepath"]: e["error"] for e in result.result["errors"]}
+    assert "does not exist" in errors[str(tmp_path / "missing.jpg")]
+    assert str(corrupt) in errors
+    assert len(dataset.exists("sam")) == 4
+    assert "2 failed" in result.result["message"]
+    from tinysam_kit.plugin.runner import load_summary
+
+    assert load_summary(dataset, "sam")["status"] == "completed_with_errors"
+
+
+def test_video_dataset_gets_a_clear_message(fo, tmp_path, tiny_random_checkpoint):
+    video = fo.Dataset()
+    try:
+        video.add_sample(fo.Sample(filepath=str(tmp_path / "clip.mp4")))
+        with pytest.raises(Exception, match="segments images.*'video'"):
+            run("segment_everything", video, everything_params(tiny_random_checkpoint))
+    finally:
+        video.delete()
+
+
+# ---------------------------------------------------------------------------------------- prompts
+def add_prompts(fo, dataset, with_negative=True):
+    for i, sample in enumerate(dataset.sort_by("filepath")):
+        sample["gt"] = fo.Detections(detections=[
+            fo.Detection(label="box_a", bounding_box=[0.1, 0.1, 0.4, 0.5]),
+            fo.Detection(label="box_b", bounding_box=[0.5, 0.3, 0.45, 0.6]),
+        ])
+        kp = fo.Keypoint(label="pts", points=[[0.3, 0.3], [0.7, 0.6], [float("nan"), float("nan")]])
+        if with_negative:
+            kp["sam_labels"] = [1, 0, 1]
+        sample["clicks"] = fo.Keypoints(keypoints=[kp, fo.Keypoint(label="one", points=[[0.5, 0.5]])])
+        sample.save()
+
+
+def test_segment_from_prompts_matches_predictor(fo, dataset, tiny_random_checkpoint, predictor):
+    from tinysam_kit.operators.images import load_image
+
+    add_prompts(fo, dataset)
+    result = run("segment_with_prompts", dataset, {"model": str(tiny_random_checkpoint), "box_field": "gt",
+                                                   "label_field": "masks"})
+    assert result.error is None, result.error
+    result = run("segment_with_prompts", dataset, {"model": str(tiny_random_checkpoint),
+                                                   "point_field": "clicks", "label_field": "pmasks"})
+    assert result.error is None, result.error
+    for sample in dataset:
+        image = load_image(sample.filepath)
+        h, w = image.shape[:2]
+        state = predictor.embed(image)
+        by_prompt = {d.prompt_id: d for d in sample.masks.detections}
+        for box in sample.gt.detections:
+            x, y, bw, bh = box.bounding_box
+            mask, score = predictor.predict_best(box=[x * w, y * h, (x + bw) * w, (y + bh) * h],
+                                                 image_embedding=state)
+            det = by_prompt[box.id]
+            assert det.label == box.label and det.confidence == pytest.approx(score, abs=1e-6)
+            np.testing.assert_array_equal(full_mask(det, w, h), mask)
+        by_prompt = {d.prompt_id: d for d in sample.pmasks.detections}
+        kp = sample.clicks.keypoints[0]
+        mask, score = predictor.predict_best(point_coords=[[0.3 * w, 0.3 * h], [0.7 * w, 0.6 * h]],
+                                             point_labels=[1, 0], image_embedding=state)
+        np.testing.assert_array_equal(full_mask(by_prompt[kp.id], w, h), mask)
+
+
+def test_prompt_field_errors_are_clear(fo, dataset, tiny_random_checkpoint):
+    base = {"model": str(tiny_random_checkpoint), "label_field": "masks"}
+    with pytest.raises(Exception, match="box_field. Reason: Invalid enum value"):  # the form only offers real fields
+        run("segment_with_prompts", dataset, {**base, "box_field": "nope"})
+    from tinysam_kit.plugin.runner import RunError, RunSpec, validate_spec
+
+    with pytest.raises(RunError, match="prompt field 'nope' does not exist"):
+        validate_spec(dataset, RunSpec("prompts", "masks", box_field="nope"))
+    dataset.add_sample_field("empty_boxes", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    with pytest.raises(Exception, match="hold no labels"):
+        run("segment_with_prompts", dataset, {**base, "box_field": "empty_boxes"})
+    with pytest.raises(Exception, match="box prompt field"):
+        run("segment_with_prompts", dataset, base)
+    # A box reaching outside its image fails that sample only, with the reason.
+    add_prompts(fo, dataset)
+    bad = dataset.first()
+    bad.gt.detections[0].bounding_box = [0.8, 0.8, 0.5, 0.5]
+    bad.save()
+    result = run("segment_with_prompts", dataset, {**base, "box_field": "gt"})
+    assert result.result["failed"] == 1 and "outside" in result.result["errors"][0]["error"]
+    assert dataset.first().masks is None and len(dataset.exists("masks")) == 3
+
+
+def test_segment_selected_labels_is_immediate_and_cached(fo, dataset, tiny_random_checkpoint, predictor):
+    from tinysam_kit.operators.images import load_image
+
+    add_prompts(fo, dataset)
+    sample = dataset.first()
+    box = sample.gt.detections[1]
+    selected = [{"label_id": box.id, "sample_id": sample.id, "field": "gt"},
+                {"label_id": sample.clicks.keypoints[1].id, "sample_id": sample.id, "field": "clicks"}]
+    params = {"model": str(tiny_random_checkpoint), "label_field": "picked"}
+    result = run("segment_selected_labels", dataset, params, selected_labels=selected)
+    assert result.error is None and result.result["masks"] == 2
+    hits = predictor.cache.hits
+    result = run("segment_selected_labels", dataset, params, selected_labels=selected[:1])
+    assert predictor.cache.hits == hits + 1  # same image: the embedding came from the cache
+    sample.reload()
+    assert len(sample.picked.detections) == 2  # re-segmenting a prompt replaces its mask
+    image = load_image(sample.filepath)
+    h, w = image.shape[:2]
+    x, y, bw, bh = box.bounding_box
+    mask, _ = predictor.predict_best(box=[x * w, y * h, (x + bw) * w, (y + bh) * h], image_embedding=predictor.embed(image))
+    det = next(d for d in sample.picked.detections if d.prompt_id == box.id)
+    np.testing.assert_array_equal(full_mask(det, w, h), mask)
+    with pytest.raises(Exception, match="no usable selection"):
+        run("segment_selected_labels", dataset, params, selected_labels=[])
+
+
+# -------------------------------------------------------------------------------------- delegated
+def test_delegated_run_through_the_service(dataset, tiny_random_checkpoint):
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    uri = f"{PLUGIN_URI}/segment_everything"
+    queued = run("segment_everything", dataset, everything_params(tiny_random_checkpoint), request_delegation=True)
+    assert queued.delegated
+    assert not dataset.has_field("sam")  # nothing happens until a worker picks it up
+    service = DelegatedOperationService()
+    results = service.execute_queued_operations(operator=uri, dataset_name=dataset.name)
+    assert len(results) == 1 and results[0].error is None, results[0].error
+    ops = service.list_operations(operator=uri, dataset_name=dataset.name)
+    assert ops[0].run_state == ExecutionRunState.COMPLETED
+    assert ops[0].status.progress == pytest.approx(1.0)
+    assert len(dataset.exists("sam")) == 4
+
+
+def test_long_operators_default_to_delegation(fo, dataset):
+    from fiftyone.operators import get_operator
+
+    for name in ("segment_everything", "segment_with_prompts"):
+        op = get_operator(f"{PLUGIN_URI}/{name}")
+        assert op.config.allow_delegated_execution and op.config.default_choice_to_delegated
+        assert op.config.allow_immediate_execution
+    assert not get_operator(f"{PLUGIN_URI}/segment_selected_labels").config.allow_delegated_execution

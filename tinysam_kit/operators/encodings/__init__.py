@@ -1,0 +1,1 @@
+"""Mask encodings: COCO RLE (coco), Label Studio brush RLE (labelstudio), polygons (polygons)."""

@@ -1,0 +1,109 @@
+"""COCO run-length encodings of binary masks (column-major, as pycocotools and SAM use them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def masks_to_uncompressed_rle(masks: torch.Tensor) -> list[dict]:
+    """(N, H, W) bool tensor → [{"size": [H, W], "counts": [...]}], runs of 0s first (maybe of length 0)."""
+    n, h, w = masks.shape
+    if n == 0:
+        return []
+    flat = masks.permute(0, 2, 1).reshape(n, h * w)
+    change = flat[:, 1:] ^ flat[:, :-1]
+    rows, cols = change.nonzero(as_tuple=True)
+    rows, cols = rows.numpy(), cols.numpy() + 1
+    bounds = np.searchsorted(rows, np.arange(n + 1))
+    first = flat[:, 0].numpy()
+    out = []
+    total = h * w
+    for i in range(n):
+        idx = cols[bounds[i] : bounds[i + 1]]
+        edges = np.concatenate(([0], idx, [total]))
+        counts = np.diff(edges)
+        if first[i]:
+            counts = np.concatenate(([0], counts))
+        out.append({"size": [h, w], "counts": counts.tolist()})
+    return out
+
+
+def mask_to_uncompressed_rle(mask: np.ndarray) -> dict:
+    return masks_to_uncompressed_rle(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None])[0]
+
+
+def uncompressed_rle_to_mask(rle: dict) -> np.ndarray:
+    h, w = rle["size"]
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    if counts.sum() != h * w:
+        raise ValueError(f"RLE counts sum to {counts.sum()}, expected {h * w} for size {h}×{w}")
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, counts)
+    return flat.reshape(w, h).T.copy()
+
+
+def rle_area(rle: dict) -> int:
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = decode_counts(counts)
+    return int(sum(counts[1::2]))
+
+
+def encode_counts(counts) -> str:
+    """pycocotools' compressed counts string: 5-bit groups, +48, with differences from the run 2 back."""
+    out = []
+    for i, value in enumerate(counts):
+        x = int(value)
+        if i > 2:
+            x -= int(counts[i - 2])
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = not ((c & 0x10) == 0 and x == 0) and not ((c & 0x10) != 0 and x == -1)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def decode_counts(s: str | bytes) -> list[int]:
+    if isinstance(s, bytes):
+        s = s.decode("ascii")
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x = 0
+        k = 0
+        more = True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def to_coco_rle(rle: dict) -> dict:
+    """Uncompressed → compressed COCO RLE ({"size": [H, W], "counts": str}), as pycocotools writes JSON."""
+    return {"size": list(rle["size"]), "counts": encode_counts(rle["counts"])}
+
+
+def coco_rle_to_mask(rle: dict) -> np.ndarray:
+    """Compressed or uncompressed COCO RLE → H×W bool mask."""
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        rle = {"size": rle["size"], "counts": decode_counts(counts)}
+    return uncompressed_rle_to_mask(rle)
+
+
+def mask_to_coco_rle(mask: np.ndarray) -> dict:
+    return to_coco_rle(mask_to_uncompressed_rle(mask))

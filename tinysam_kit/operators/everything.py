@@ -1,0 +1,313 @@
+"""Segment everything: SAM's dense point grid and TinySAM's hierarchical (sparse-then-fill) strategy.
+
+Memory stays bounded: candidates are first filtered on their predicted IoU (no full-resolution work for
+them), the survivors are upsampled in bounded chunks, and every kept mask is stored as a run-length
+encoding right away. Only the final records are decoded to full masks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+from .encodings.coco import masks_to_uncompressed_rle, rle_area, to_coco_rle, uncompressed_rle_to_mask
+from .nms import masks_to_boxes, single_class_nms
+from .predictor import ImageEmbedding, PromptError, TinySamPredictor
+
+MODES = ("hierarchical", "dense")
+OUTPUT_MODES = ("binary_mask", "coco_rle", "uncompressed_rle")
+
+
+@dataclass
+class EverythingParams:
+    """Defaults are those of TinySAM's hierarchical generator and SAM's automatic mask generator."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    high_score_thresh: float = 8.5  # hierarchical only: logit above which stage 1 counts a pixel as covered
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+    max_masks: int | None = None  # keep only the best-scoring records (None: all)
+    output_mode: str = "binary_mask"
+
+    def validate(self) -> None:
+        if self.points_per_side < 2:
+            raise ValueError(f"points_per_side must be at least 2, got {self.points_per_side}")
+        if self.points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be positive, got {self.points_per_batch}")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh"):
+            value = getattr(self, name)
+            if not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.min_mask_region_area < 0:
+            raise ValueError(f"min_mask_region_area must be >= 0, got {self.min_mask_region_area}")
+        if self.max_masks is not None and self.max_masks < 1:
+            raise ValueError(f"max_masks must be positive or None, got {self.max_masks}")
+        if self.output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {', '.join(OUTPUT_MODES)}, got {self.output_mode!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EverythingParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown everything-mode parameter(s): {', '.join(unknown)}")
+        params = cls(**kwargs)
+        params.validate()
+        return params
+
+
+@dataclass
+class Candidates:
+    """Masks that passed the IoU and stability filters, kept as RLE plus what NMS and records need."""
+
+    rles: list[dict] = field(default_factory=list)
+    boxes: list[torch.Tensor] = field(default_factory=list)
+    iou: list[torch.Tensor] = field(default_factory=list)
+    stability: list[torch.Tensor] = field(default_factory=list)
+    points: list[np.ndarray] = field(default_factory=list)
+
+    def extend(self, other: Candidates) -> None:
+        self.rles += other.rles
+        self.boxes += other.boxes
+        self.iou += other.iou
+        self.stability += other.stability
+        self.points += other.points
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def tensors(self):
+        boxes = torch.cat(self.boxes) if self.boxes else torch.zeros((0, 4), dtype=torch.int64)
+        iou = torch.cat(self.iou) if self.iou else torch.zeros((0,))
+        stability = torch.cat(self.stability) if self.stability else torch.zeros((0,))
+        points = np.concatenate(self.points) if self.points else np.zeros((0, 2))
+        return boxes, iou, stability, points
+
+
+def build_point_grid(n: int) -> np.ndarray:
+    """n×n points at cell centres in [0, 1]², row by row (x varies fastest)."""
+    offset = 1 / (2 * n)
+    side = np.linspace(offset, 1 - offset, n)
+    xs = np.tile(side[None, :], (n, 1))
+    ys = np.tile(side[:, None], (1, n))
+    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
+
+
+def stage2_points(stage1_normalized: np.ndarray, covered: np.ndarray, points_per_side: int) -> np.ndarray:
+    """TinySAM's stage-2 proposals around every stage-1 point, dropped where stage 1 is confident."""
+    h, w = covered.shape
+    sw, sh = w // points_per_side, h // points_per_side
+    out = []
+
+    def propose(x: float, y: float) -> None:
+        if not covered[int(y), int(x)]:
+            out.append([x / w, y / h])
+
+    for nx, ny in stage1_normalized:
+        px, py = nx * w, ny * h
+        for a in (-1, 0, 1):
+            for b in (-1, 0, 1):
+                if a or b:
+                    propose(px + a * sw, py + b * sh)
+        right = px + 2 * sw < w
+        below = py + 2 * sh < h
+        if right:
+            for b in (-1, 0, 1):
+                propose(px + 2 * sw, py + b * sh)
+        if below:
+            for a in (-1, 0, 1):
+                propose(px + a * sw, py + 2 * sh)
+        if right and below:
+            propose(px + 2 * sw, py + 2 * sh)
+    return np.array(out, dtype=np.float64).reshape(-1, 2)
+
+
+class EverythingGenerator:
+    """Automatic mask generation on top of a `TinySamPredictor` (any engine)."""
+
+    def __init__(self, predictor: TinySamPredictor, mode: str = "hierarchical", **params) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.predictor = predictor
+        self.mode = mode
+        self.params = EverythingParams.from_kwargs(**params)
+        self.stats: dict = {}
+
+    # ------------------------------------------------------------- stages
+    def _process_points(self, state: ImageEmbedding, normalized: np.ndarray,
+                        union: torch.Tensor | None) -> Candidates:
+        """Decode single positive points in batches; keep filtered masks as RLE; OR confident pixels into
+        `union` when given."""
+        p = self.params
+        h, w = state.original_size
+        points = normalized * np.array([[w, h]])
+        out = Candidates()
+        for start in range(0, len(points), p.points_per_batch):
+            batch = points[start : start + p.points_per_batch]
+            coords = torch.from_numpy(self.predictor.transform_coords(batch, state))[:, None, :]
+            labels = torch.ones((len(batch), 1), dtype=torch.float32)
+            low_res, iou = self.predictor.decode(state, coords, labels)
+            self.stats["prompts_decoded"] += len(batch)
+            low_res, iou = low_res[:, 1:], iou[:, 1:]
+            k = iou.shape[1]
+            low_res = low_res.reshape(-1, *low_res.shape[-2:])
+            iou = iou.reshape(-1)
+            batch_points = np.repeat(batch, k, axis=0)
+            keep = iou > p.pred_iou_thresh if p.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+            keep_idx = keep.nonzero().flatten()
+            if keep_idx.numel() == 0:
+                continue
+            low_res, iou, batch_points = low_res[keep_idx], iou[keep_idx], batch_points[keep_idx.numpy()]
+            for offset, logits in self.predictor.iter_upsampled(low_res, state):
+                sel = slice(offset, offset + logits.shape[0])
+                stability = stability_score(logits, 0.0, p.stability_score_offset)
+                ok = stability >= p.stability_score_thresh if p.stability_score_thresh > 0.0 else \
+                    torch.ones_like(stability, dtype=torch.bool)
+                if not ok.any():
+                    continue
+                logits = logits[ok]
+                if union is not None:
+                    union |= (logits > p.high_score_thresh).any(dim=0)
+                masks = logits > 0.0
+                del logits
+                out.rles += masks_to_uncompressed_rle(masks)
+                out.boxes.append(masks_to_boxes(masks))
+                out.iou.append(iou[sel][ok])
+                out.stability.append(stability[ok])
+                out.points.append(batch_points[sel][ok.numpy()])
+        return out
+
+    def generate(self, image=None, *, key: str | None = None, image_embedding: ImageEmbedding | None = None,
+                 image_format: str = "RGB") -> list[dict]:
+        """Records for every object found: segmentation, area, bbox (XYWH), predicted_iou,
+        stability_score, point_coords (+ crop_box in dense mode), best predicted IoU first."""
+        t0 = time.perf_counter()
+        if image_embedding is None:
+            if image is None:
+                raise PromptError("generate() needs an image or an image_embedding")
+            image_embedding = self.predictor.embed(image, image_format=image_format, key=key)
+        state = image_embedding
+        p = self.params
+        h, w = state.original_size
+        self.stats = {"mode": self.mode, "prompts_decoded": 0}
+        if self.mode == "dense":
+            cands = self._process_points(state, build_point_grid(p.points_per_side), None)
+        else:
+            grid = build_point_grid(p.points_per_side // 4)
+            union = torch.zeros((h, w), dtype=torch.bool)
+            stage1 = self._process_points(state, grid, union)
+            extra = stage2_points(grid, union.numpy(), p.points_per_side)
+            self.stats.update(stage1_points=len(grid), stage2_points=len(extra), stage1_masks=len(stage1))
+            # The official code crashes when stage 1 covers every stage-2 proposal; stage 1 alone is the answer.
+            cands = self._process_points(state, extra, None) if len(extra) else Candidates()
+            cands.extend(stage1)
+        self.stats["candidates"] = len(cands)
+        records = self._records(cands, state, dense=self.mode == "dense")
+        self.stats["records"] = len(records)
+        self.stats["seconds"] = time.perf_counter() - t0
+        return records
+
+    # ------------------------------------------------------------ records
+    def _records(self, cands: Candidates, state: ImageEmbedding, dense: bool) -> list[dict]:
+        p = self.params
+        h, w = state.original_size
+        boxes, iou, stability, points = cands.tensors()
+        keep = single_class_nms(boxes.float(), iou, p.box_nms_thresh)
+        rles = [cands.rles[i] for i in keep.tolist()]
+        boxes, iou, stability, points = boxes[keep], iou[keep], stability[keep], points[keep.numpy()]
+        if p.min_mask_region_area > 0 and rles:
+            rles, boxes, keep2 = remove_small_regions_and_renms(
+                rles, boxes, p.min_mask_region_area, max(p.box_nms_thresh, p.crop_nms_thresh))
+            iou, stability, points = iou[keep2], stability[keep2], points[keep2.numpy()]
+        order = torch.sort(iou, stable=True, descending=True).indices.tolist()
+        if p.max_masks is not None:
+            order = order[: p.max_masks]
+        records = []
+        for i in order:
+            rle = rles[i]
+            x0, y0, x1, y1 = (float(v) for v in boxes[i])
+            record = {
+                "segmentation": self._encode(rle),
+                "area": rle_area(rle),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "predicted_iou": float(iou[i]),
+                "point_coords": [points[i].tolist()],
+                "stability_score": float(stability[i]),
+            }
+            if dense:
+                record["crop_box"] = [0.0, 0.0, float(w), float(h)]
+            records.append(record)
+        return records
+
+    def _encode(self, rle: dict):
+        mode = self.params.output_mode
+        if mode == "uncompressed_rle":
+            return rle
+        if mode == "coco_rle":
+            return to_coco_rle(rle)
+        return uncompressed_rle_to_mask(rle)
+
+
+def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
+    """IoU between the masks thresholded at threshold ± offset (float32 ratio of pixel counts)."""
+    inter = (logits > threshold + offset).sum(dim=(-1, -2), dtype=torch.int64).to(torch.float32)
+    union = (logits > threshold - offset).sum(dim=(-1, -2), dtype=torch.int64).to(torch.float32)
+    return inter / union
+
+
+def remove_small_regions(mask: np.ndarray, area_thresh: int, mode: str) -> tuple[np.ndarray, bool]:
+    """Fill holes (mode="holes") or drop islands (mode="islands") smaller than `area_thresh` pixels."""
+    import cv2
+
+    holes = mode == "holes"
+    working = (holes ^ mask).astype(np.uint8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
+    sizes = stats[:, -1][1:]
+    small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
+    if not small:
+        return mask, False
+    fill = [0, *small]
+    if not holes:
+        fill = [i for i in range(n_labels) if i not in fill]
+        if not fill:
+            fill = [int(np.argmax(sizes)) + 1]  # keep the largest island rather than nothing
+    return np.isin(regions, fill), True
+
+
+def remove_small_regions_and_renms(rles: list[dict], boxes: torch.Tensor, min_area: int, nms_thresh: float):
+    """SAM's post-processing: clean each mask, prefer unchanged masks in a second NMS."""
+    new_masks, scores = [], []
+    for rle in rles:
+        mask = uncompressed_rle_to_mask(rle)
+        mask, changed_holes = remove_small_regions(mask, min_area, "holes")
+        mask, changed_islands = remove_small_regions(mask, min_area, "islands")
+        new_masks.append(torch.from_numpy(np.ascontiguousarray(mask)))
+        scores.append(float(not (changed_holes or changed_islands)))
+    masks = torch.stack(new_masks)
+    new_boxes = masks_to_boxes(masks)
+    score_t = torch.as_tensor(scores)
+    keep = single_class_nms(new_boxes.float(), score_t, nms_thresh)
+    rles = list(rles)
+    boxes = boxes.clone()
+    for i in keep.tolist():
+        if scores[i] == 0.0:
+            rles[i] = masks_to_uncompressed_rle(masks[i : i + 1])[0]
+            boxes[i] = new_boxes[i]
+    return [rles[i] for i in keep.tolist()], boxes[keep], keep
+
+
+def generate_everything(predictor: TinySamPredictor, image=None, mode: str = "hierarchical", *,
+                        key: str | None = None, image_embedding: ImageEmbedding | None = None,
+                        return_stats: bool = False, **params):
+    """Segment everything in one image. See `EverythingParams` for the parameters and their defaults."""
+    generator = EverythingGenerator(predictor, mode, **params)
+    records = generator.generate(image, key=key, image_embedding=image_embedding)
+    return (records, generator.stats) if return_stats else records

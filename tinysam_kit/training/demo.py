@@ -1,0 +1,63 @@
+"""The recipe of the bundled `demo` model: a small TinySAM trained from scratch on the synthetic world.
+
+`tinysam train-demo --out DIR` reproduces it (seeded; same numbers on any CPU with the same thread
+count). The result is small enough to ship inside the package and good enough for tests to judge
+masks, not only shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from ..models.config import DecoderConfig, ModelConfig, TinyViTConfig
+from .supervised import SupervisedConfig, train_supervised, write_sidecar
+
+DEMO_MODEL = ModelConfig(
+    encoder=TinyViTConfig(img_size=256, embed_dims=(16, 48, 96, 128), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
+                          window_sizes=(7, 8, 8, 8), mbconv_expand_ratio=2.0, num_classes=0),
+    decoder=DecoderConfig(prompt_embed_dim=128, transformer_depth=2, transformer_heads=4, transformer_mlp_dim=512,
+                          iou_head_hidden_dim=128, mask_in_chans=16),
+)
+
+
+def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
+    cfg = SupervisedConfig(
+        model=json.loads(json.dumps(DEMO_MODEL.to_dict())),
+        out_dir=str(out_dir),
+        steps=300,
+        batch_images=4,
+        prompts_per_image=6,
+        box_fraction=0.4,
+        background_fraction=0.05,
+        refine_rounds=1,
+        refine_fraction=0.4,
+        lr=2e-3,
+        warmup=30,
+        weight_decay=0.01,
+        seed=0,
+        world_seed=0,
+        checkpoint_every=25,
+        log_every=5,
+        threads=1,
+    )
+    return replace(cfg, **overrides)
+
+
+def train_demo(out_dir: str | Path, install: bool = False, log=print, **overrides) -> Path:
+    """Train the demo model into `out_dir` (resuming if interrupted); `install` copies it into the
+    package weights as demo.pth with its config sidecar."""
+    cfg = demo_training_config(out_dir, **overrides)
+    final = train_supervised(cfg, log=log)
+    if install:
+        from ..models.registry import PACKAGE_WEIGHTS
+
+        dest = PACKAGE_WEIGHTS / "demo.pth"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(final, dest)
+        write_sidecar(dest, ModelConfig.from_dict(cfg.model))
+        log(f"installed {dest}")
+        return dest
+    return final
