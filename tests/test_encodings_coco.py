@@ -62,3 +62,19 @@ def test_masks_to_boxes():
     masks[0, 2:5, 3:9] = True
     masks[1, 7, 11] = True
     assert masks_to_boxes(masks).tolist() == [[3, 2, 8, 4], [11, 7, 11, 7], [0, 0, 0, 0]]
+
+
+def test_polygons_round_trip():
+    from tinysam_kit.operators.encodings.polygons import mask_to_polygons, polygons_to_mask
+
+    mask = np.zeros((40, 50), bool)
+    mask[5:30, 8:40] = True
+    mask[12:20, 15:25] = False  # a hole
+    mask[33:38, 2:6] = True  # a second island
+    polys = mask_to_polygons(mask, tolerance=0, include_holes=True)
+    assert len(polys) == 3
+    back = polygons_to_mask(polys, 40, 50)
+    # Contours run through boundary pixel centres, so rasterising them back is exact up to the outline.
+    assert (back != mask).sum() <= 0.1 * mask.sum()
+    assert not back[16, 20] and back[6, 9] and back[35, 3]
+    assert len(mask_to_polygons(mask, include_holes=False)) == 2

@@ -58,8 +58,8 @@ def test_killed_delegated_run_resumes_to_the_uninterrupted_result(fo, tmp_path, 
         queued = execute_operator(uri, dataset=dataset, params=params, request_delegation=True)
         assert queued.delegated
         worker = subprocess.Popen([str(Path(sys.executable).parent / "fiftyone"), "delegated", "launch"],
-                                  env={**os.environ, **env, "OMP_NUM_THREADS": str(torch.get_num_threads())}, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+                                  env={**os.environ, **env, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 300
         while len(dataset.exists("auto")) == 0:
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fiftyone_helpers import PLUGIN_URI, fiftyone_env, make_images
 
 FAST = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -187,7 +186,7 @@ def test_video_dataset_gets_a_clear_message(fo, tmp_path, tiny_random_checkpoint
 
 # ---------------------------------------------------------------------------------------- prompts
 def add_prompts(fo, dataset, with_negative=True):
-    for i, sample in enumerate(dataset.sort_by("filepath")):
+    for sample in dataset:
         sample["gt"] = fo.Detections(detections=[
             fo.Detection(label="box_a", bounding_box=[0.1, 0.1, 0.4, 0.5]),
             fo.Detection(label="box_b", bounding_box=[0.5, 0.3, 0.45, 0.6]),
@@ -270,7 +269,8 @@ def test_segment_selected_labels_is_immediate_and_cached(fo, dataset, tiny_rando
     image = load_image(sample.filepath)
     h, w = image.shape[:2]
     x, y, bw, bh = box.bounding_box
-    mask, _ = predictor.predict_best(box=[x * w, y * h, (x + bw) * w, (y + bh) * h], image_embedding=predictor.embed(image))
+    mask, _ = predictor.predict_best(box=[x * w, y * h, (x + bw) * w, (y + bh) * h],
+                                     image_embedding=predictor.embed(image))
     det = next(d for d in sample.picked.detections if d.prompt_id == box.id)
     np.testing.assert_array_equal(full_mask(det, w, h), mask)
     with pytest.raises(Exception, match="no usable selection"):

@@ -122,8 +122,8 @@ def test_captured_interactive_prompts_give_the_predictors_mask(client, ls_server
     from tinysam_kit.operators.images import load_image
 
     backend = client.app.state.backend
-    req = json.loads((LS_PAYLOADS / "stub_modern" / "07_ls_to_backend_POST_predict_interactive_keypoints_pos_neg_api.json")
-                     .read_text())["json"]
+    name = "07_ls_to_backend_POST_predict_interactive_keypoints_pos_neg_api.json"
+    req = json.loads((LS_PAYLOADS / "stub_modern" / name).read_text())["json"]
     region = client.post("/predict", json=req).json()["results"][0]["result"][0]
     image = load_image(ls_server.images[req["tasks"][0]["data"]["image"]])
     h, w = image.shape[:2]

@@ -11,7 +11,7 @@ from .settings import BackendSettings
 __all__ = ["BackendSettings", "create_app"]
 
 
-def create_app(settings: BackendSettings | None = None, **kwargs):
+def create_app(settings: BackendSettings | None = None, backend=None):
     from .app import create_app as _create_app  # FastAPI is an optional dependency
 
-    return _create_app(settings, **kwargs)
+    return _create_app(settings, backend)

@@ -129,13 +129,15 @@ def _describe_validation(exc: RequestValidationError) -> str:
 def create_app(settings: BackendSettings | None = None, backend: TinySamBackend | None = None) -> FastAPI:
     """The ASGI application. Loads the model now (once per process) unless `backend` is given."""
     settings = settings or BackendSettings.from_env()
+    owns_backend = backend is None
     backend = backend or TinySamBackend(settings)
     schemas: dict[str, str] = {}  # project -> labeling config from /setup, for predicts that omit it
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        backend.close()
+        if owns_backend:  # a backend passed in is shared; whoever made it closes it
+            backend.close()
 
     app = FastAPI(title="TinySAM Label Studio ML backend", version="1.0", lifespan=lifespan,
                   description="Smart keypoint/rectangle clicks answered with brush masks; batch pre-labelling.")

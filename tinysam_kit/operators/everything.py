@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .encodings.coco import masks_to_uncompressed_rle, rle_area, to_coco_rle, uncompressed_rle_to_mask
+from .images import load_image, to_rgb_uint8
 from .nms import masks_to_boxes, single_class_nms
 from .predictor import ImageEmbedding, PromptError, TinySamPredictor
 
@@ -32,7 +33,10 @@ class EverythingParams:
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0  # dense only: extra layers of overlapping image crops, as in SAM
     crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     max_masks: int | None = None  # keep only the best-scoring records (None: all)
     output_mode: str = "binary_mask"
@@ -46,6 +50,8 @@ class EverythingParams:
             value = getattr(self, name)
             if not np.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.crop_n_layers < 0 or self.crop_n_points_downscale_factor < 1:
+            raise ValueError("crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1")
         if self.min_mask_region_area < 0:
             raise ValueError(f"min_mask_region_area must be >= 0, got {self.min_mask_region_area}")
         if self.max_masks is not None and self.max_masks < 1:
@@ -73,6 +79,7 @@ class Candidates:
     iou: list[torch.Tensor] = field(default_factory=list)
     stability: list[torch.Tensor] = field(default_factory=list)
     points: list[np.ndarray] = field(default_factory=list)
+    crop_boxes: list[list[int]] = field(default_factory=list)  # XYXY crop each mask came from
 
     def extend(self, other: Candidates) -> None:
         self.rles += other.rles
@@ -80,6 +87,13 @@ class Candidates:
         self.iou += other.iou
         self.stability += other.stability
         self.points += other.points
+        self.crop_boxes += other.crop_boxes
+
+    def subset(self, keep: torch.Tensor) -> Candidates:
+        boxes, iou, stability, points = self.tensors()
+        idx = keep.tolist()
+        return Candidates([self.rles[i] for i in idx], [boxes[keep]], [iou[keep]], [stability[keep]],
+                          [points[keep.numpy()]], [self.crop_boxes[i] for i in idx])
 
     def __len__(self) -> int:
         return len(self.rles)
@@ -99,6 +113,34 @@ def build_point_grid(n: int) -> np.ndarray:
     xs = np.tile(side[None, :], (n, 1))
     ys = np.tile(side[:, None], (1, n))
     return np.stack([xs, ys], axis=-1).reshape(-1, 2)
+
+
+def generate_crop_boxes(height: int, width: int, n_layers: int, overlap_ratio: float) -> list[tuple[list[int], int]]:
+    """SAM's crops: the whole image, then 2^k × 2^k overlapping crops for each layer k = 1..n_layers."""
+    crops = [([0, 0, width, height], 0)]
+    short = min(height, width)
+    for layer in range(n_layers):
+        n = 2 ** (layer + 1)
+        overlap = int(overlap_ratio * short * (2 / n))
+        crop_w = int(np.ceil((overlap * (n - 1) + width) / n))
+        crop_h = int(np.ceil((overlap * (n - 1) + height) / n))
+        xs = [int((crop_w - overlap) * i) for i in range(n)]
+        ys = [int((crop_h - overlap) * i) for i in range(n)]
+        for x0 in xs:
+            for y0 in ys:
+                crops.append(([x0, y0, min(x0 + crop_w, width), min(y0 + crop_h, height)], layer + 1))
+    return crops
+
+
+def boxes_near_crop_edge(boxes: torch.Tensor, crop_box: list[int], full_box: list[int], atol: float = 20.0):
+    """Masks cut by a crop border (but not by the image border) are incomplete: SAM drops them."""
+    crop = torch.as_tensor(crop_box, dtype=torch.float)
+    full = torch.as_tensor(full_box, dtype=torch.float)
+    offset = torch.as_tensor([crop_box[0], crop_box[1], crop_box[0], crop_box[1]])
+    boxes = (boxes + offset).float()
+    near_crop = torch.isclose(boxes, crop[None, :], atol=atol, rtol=0)
+    near_image = torch.isclose(boxes, full[None, :], atol=atol, rtol=0)
+    return torch.any(near_crop & ~near_image, dim=1)
 
 
 def stage2_points(stage1_normalized: np.ndarray, covered: np.ndarray, points_per_side: int) -> np.ndarray:
@@ -142,12 +184,17 @@ class EverythingGenerator:
         self.stats: dict = {}
 
     # ------------------------------------------------------------- stages
-    def _process_points(self, state: ImageEmbedding, normalized: np.ndarray,
-                        union: torch.Tensor | None) -> Candidates:
+    def _process_points(self, state: ImageEmbedding, normalized: np.ndarray, union: torch.Tensor | None,
+                        crop_box: list[int] | None = None, full_size: tuple[int, int] | None = None) -> Candidates:
         """Decode single positive points in batches; keep filtered masks as RLE; OR confident pixels into
-        `union` when given."""
+        `union` when given. With a crop, `state` is the crop's embedding and results are mapped back to
+        the `full_size` image."""
         p = self.params
         h, w = state.original_size
+        full_h, full_w = full_size or (h, w)
+        crop_box = crop_box or [0, 0, w, h]
+        is_crop = crop_box != [0, 0, full_w, full_h]
+        x0, y0 = crop_box[0], crop_box[1]
         points = normalized * np.array([[w, h]])
         out = Candidates()
         for start in range(0, len(points), p.points_per_batch):
@@ -160,7 +207,7 @@ class EverythingGenerator:
             k = iou.shape[1]
             low_res = low_res.reshape(-1, *low_res.shape[-2:])
             iou = iou.reshape(-1)
-            batch_points = np.repeat(batch, k, axis=0)
+            batch_points = np.repeat(batch, k, axis=0) + np.array([[x0, y0]])
             keep = iou > p.pred_iou_thresh if p.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
             keep_idx = keep.nonzero().flatten()
             if keep_idx.numel() == 0:
@@ -178,28 +225,72 @@ class EverythingGenerator:
                     union |= (logits > p.high_score_thresh).any(dim=0)
                 masks = logits > 0.0
                 del logits
+                boxes = masks_to_boxes(masks)
+                chunk_iou, chunk_stab, chunk_pts = iou[sel][ok], stability[ok], batch_points[sel][ok.numpy()]
+                if is_crop:
+                    edge = boxes_near_crop_edge(boxes, crop_box, [0, 0, full_w, full_h])
+                    if edge.all():
+                        continue
+                    inside = ~edge
+                    masks, boxes = masks[inside], boxes[inside]
+                    chunk_iou, chunk_stab, chunk_pts = chunk_iou[inside], chunk_stab[inside], chunk_pts[inside.numpy()]
+                    padded = torch.zeros((masks.shape[0], full_h, full_w), dtype=torch.bool)
+                    padded[:, y0 : y0 + h, x0 : x0 + w] = masks
+                    masks = padded
+                    boxes = boxes + torch.as_tensor([x0, y0, x0, y0])
                 out.rles += masks_to_uncompressed_rle(masks)
-                out.boxes.append(masks_to_boxes(masks))
-                out.iou.append(iou[sel][ok])
-                out.stability.append(stability[ok])
-                out.points.append(batch_points[sel][ok.numpy()])
+                out.boxes.append(boxes)
+                out.iou.append(chunk_iou)
+                out.stability.append(chunk_stab)
+                out.points.append(chunk_pts)
+                out.crop_boxes += [list(crop_box)] * masks.shape[0]
         return out
+
+    def _dense(self, image, state: ImageEmbedding) -> Candidates:
+        p = self.params
+        h, w = state.original_size
+        crops = generate_crop_boxes(h, w, p.crop_n_layers, p.crop_overlap_ratio)
+        if len(crops) > 1 and image is None:
+            raise PromptError("crop layers need the image itself, not only its embedding")
+        cands = Candidates()
+        for crop_box, layer in crops:
+            n_side = int(p.points_per_side / (p.crop_n_points_downscale_factor ** layer))
+            if layer == 0:
+                crop_state = state
+            else:
+                cx0, cy0, cx1, cy1 = crop_box
+                crop_state = self.predictor.embed(np.ascontiguousarray(image[cy0:cy1, cx0:cx1]), cache=False)
+            found = self._process_points(crop_state, build_point_grid(n_side), None, crop_box, (h, w))
+            if len(found):
+                boxes, iou, _, _ = found.tensors()
+                found = found.subset(single_class_nms(boxes.float(), iou, p.box_nms_thresh))
+            cands.extend(found)
+        if len(crops) > 1 and len(cands):
+            # Across crops SAM prefers masks from smaller crops (scores = 1 / crop area).
+            boxes, _, _, _ = cands.tensors()
+            areas = torch.tensor([(c[2] - c[0]) * (c[3] - c[1]) for c in cands.crop_boxes], dtype=torch.float)
+            cands = cands.subset(single_class_nms(boxes.float(), 1 / areas, p.crop_nms_thresh))
+        return cands
 
     def generate(self, image=None, *, key: str | None = None, image_embedding: ImageEmbedding | None = None,
                  image_format: str = "RGB") -> list[dict]:
         """Records for every object found: segmentation, area, bbox (XYWH), predicted_iou,
         stability_score, point_coords (+ crop_box in dense mode), best predicted IoU first."""
         t0 = time.perf_counter()
+        if image is not None and not isinstance(image, np.ndarray):
+            image = load_image(image)
+        elif image is not None:
+            image = to_rgb_uint8(image, image_format)
         if image_embedding is None:
             if image is None:
                 raise PromptError("generate() needs an image or an image_embedding")
-            image_embedding = self.predictor.embed(image, image_format=image_format, key=key)
+            image_embedding = self.predictor.embed(image, key=key)
         state = image_embedding
         p = self.params
         h, w = state.original_size
         self.stats = {"mode": self.mode, "prompts_decoded": 0}
         if self.mode == "dense":
-            cands = self._process_points(state, build_point_grid(p.points_per_side), None)
+            cands = self._dense(image, state)
         else:
             grid = build_point_grid(p.points_per_side // 4)
             union = torch.zeros((h, w), dtype=torch.bool)
@@ -219,14 +310,16 @@ class EverythingGenerator:
     def _records(self, cands: Candidates, state: ImageEmbedding, dense: bool) -> list[dict]:
         p = self.params
         h, w = state.original_size
+        if not dense:  # dense candidates were NMS-ed per crop already
+            boxes, iou, _, _ = cands.tensors()
+            cands = cands.subset(single_class_nms(boxes.float(), iou, p.box_nms_thresh))
         boxes, iou, stability, points = cands.tensors()
-        keep = single_class_nms(boxes.float(), iou, p.box_nms_thresh)
-        rles = [cands.rles[i] for i in keep.tolist()]
-        boxes, iou, stability, points = boxes[keep], iou[keep], stability[keep], points[keep.numpy()]
+        rles, crop_boxes = cands.rles, cands.crop_boxes
         if p.min_mask_region_area > 0 and rles:
             rles, boxes, keep2 = remove_small_regions_and_renms(
                 rles, boxes, p.min_mask_region_area, max(p.box_nms_thresh, p.crop_nms_thresh))
             iou, stability, points = iou[keep2], stability[keep2], points[keep2.numpy()]
+            crop_boxes = [crop_boxes[i] for i in keep2.tolist()]
         order = torch.sort(iou, stable=True, descending=True).indices.tolist()
         if p.max_masks is not None:
             order = order[: p.max_masks]
@@ -243,7 +336,8 @@ class EverythingGenerator:
                 "stability_score": float(stability[i]),
             }
             if dense:
-                record["crop_box"] = [0.0, 0.0, float(w), float(h)]
+                cx0, cy0, cx1, cy1 = crop_boxes[i]
+                record["crop_box"] = [float(cx0), float(cy0), float(cx1 - cx0), float(cy1 - cy0)]
             records.append(record)
         return records
 

@@ -14,10 +14,10 @@ from . import labels as L
 from .predictors import get_predictor
 from .runner import (
     RunError,
-    _check_field_name,
-    _field_type_name,
     RunSpec,
+    check_field_name,
     check_image_collection,
+    field_type_name,
     load_summary,
     run_key_for,
     run_segmentation,
@@ -197,8 +197,8 @@ class SegmentWithPrompts(_LongOperator):
             return types.Property(inputs, view=types.View(label="TinySAM: Segment from prompts"))
         inputs.view_target(ctx, action_description="Segment")
         schema = ctx.dataset.get_field_schema() if ctx.dataset is not None else {}
-        box_fields = [n for n in schema if _field_type_name(schema, n) == "Detections"]
-        point_fields = [n for n in schema if _field_type_name(schema, n) == "Keypoints"]
+        box_fields = [n for n in schema if field_type_name(schema, n) == "Detections"]
+        point_fields = [n for n in schema if field_type_name(schema, n) == "Keypoints"]
         inputs.enum("box_field", box_fields, required=False, label="Box prompts (Detections field)",
                     view=types.DropdownView())
         inputs.enum("point_field", point_fields, required=False, label="Point prompts (Keypoints field)",
@@ -254,9 +254,9 @@ class SegmentSelectedLabels(foo.Operator):
         check_image_collection(dataset)
         field = (p.get("label_field") or "").strip()
         spec = RunSpec(task="prompts", label_field=field)
-        _check_field_name(field, "output field")
+        check_field_name(field, "output field")
         schema = dataset.get_field_schema()
-        have = _field_type_name(schema, field)
+        have = field_type_name(schema, field)
         if have is not None and have != "Detections":
             raise RunError(f"field {field!r} already exists as {have}; choose another output field")
         if have is not None and not p.get("overwrite", False) and run_key_for(field) not in dataset.list_runs():
@@ -265,7 +265,7 @@ class SegmentSelectedLabels(foo.Operator):
         by_sample: dict[str, list] = {}
         ignored = 0
         for sel in ctx.selected_labels:
-            kind = _field_type_name(schema, sel.get("field"))
+            kind = field_type_name(schema, sel.get("field"))
             if kind not in ("Detections", "Keypoints") or sel.get("field") == field or sel.get("frame_number"):
                 ignored += 1
                 continue

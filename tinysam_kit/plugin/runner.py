@@ -108,7 +108,7 @@ class RunSummary:
             parts.append(f"{self.without_prompts} without prompts")
         if self.errors:
             first = self.errors[0]
-            parts.append(f"{len(self.errors)} failed (e.g. {first['filepath']}: {first['error']})")
+            parts.append(f"{len(self.errors)} failed (e.g. {first['error']})")
         return "; ".join(parts)
 
 
@@ -123,13 +123,13 @@ def check_image_collection(samples) -> None:
                        "select an image-only dataset or view")
 
 
-def _check_field_name(name: str, what: str) -> None:
+def check_field_name(name: str, what: str) -> None:
     if not name or not FIELD_NAME.match(name) or name in RESERVED_FIELDS:
         raise RunError(f"{what} {name!r} is not a usable field name (letters, digits and underscores, "
                        "starting with a letter, not a built-in field)")
 
 
-def _field_type_name(schema, name) -> str | None:
+def field_type_name(schema, name) -> str | None:
     f = schema.get(name)
     if f is None:
         return None
@@ -146,15 +146,15 @@ def validate_spec(samples, spec: RunSpec) -> None:
     if spec.task not in TASKS:
         raise RunError(f"task must be one of {', '.join(TASKS)}, got {spec.task!r}")
     check_image_collection(samples)
-    _check_field_name(spec.label_field, "output field")
+    check_field_name(spec.label_field, "output field")
     schema = samples._dataset.get_field_schema()
     outputs = [spec.label_field] + ([spec.instance_map_field] if spec.instance_map_field else [])
     if spec.instance_map_field:
-        _check_field_name(spec.instance_map_field, "instance map field")
+        check_field_name(spec.instance_map_field, "instance map field")
         if spec.instance_map_field == spec.label_field:
             raise RunError("the instance map field must differ from the output field")
     for name, want in zip(outputs, ("Detections", "Segmentation")):
-        have = _field_type_name(schema, name)
+        have = field_type_name(schema, name)
         if have is not None and have != want:
             raise RunError(f"field {name!r} already exists as {have}; TinySAM writes {want} there. "
                            "Choose another field name")
@@ -170,7 +170,7 @@ def validate_spec(samples, spec: RunSpec) -> None:
     for name, want in ((spec.box_field, "Detections"), (spec.point_field, "Keypoints")):
         if not name:
             continue
-        have = _field_type_name(schema, name)
+        have = field_type_name(schema, name)
         if have is None:
             raise RunError(f"prompt field {name!r} does not exist on dataset {samples._dataset.name!r}")
         if have != want:

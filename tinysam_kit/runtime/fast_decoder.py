@@ -15,6 +15,7 @@ They are plain `nn.Module`s so the ONNX export traces exactly the code the PyTor
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models.sam import TinySam
@@ -47,9 +48,10 @@ class DecoderImageSide(nn.Module):
 class DecoderPromptSide(nn.Module):
     """(image-side tensors, sparse prompt embeddings (B, T, C)) → logits (B, 4, 4e, 4e), IoU (B, 4)."""
 
-    def __init__(self, model: TinySam) -> None:
+    def __init__(self, model: TinySam, gemm_upscale: bool = True) -> None:
         super().__init__()
         self.decoder = model.mask_decoder
+        self.gemm_upscale = gemm_upscale
         self.embedding_size = model.config.embedding_size
         with torch.no_grad():
             pe = model.prompt_encoder.get_dense_pe()
@@ -84,7 +86,15 @@ class DecoderPromptSide(nn.Module):
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1
         )
-        return self.upscale_and_project(keys, hyper_in), dec.iou_prediction_head(queries[:, 0, :])
+        if self.gemm_upscale:
+            masks = self.upscale_and_project(keys, hyper_in)
+        else:  # the model's own transposed convolutions: bit-identical to MaskDecoder.forward
+            b, hw, c = keys.shape
+            e = self.embedding_size
+            upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(b, c, e, e))
+            b, c, h, w = upscaled.shape
+            masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        return masks, dec.iou_prediction_head(queries[:, 0, :])
 
     def upscale_and_project(self, keys: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
         """`output_upscaling` followed by the hypernetwork product, as matrix products.
@@ -100,11 +110,11 @@ class DecoderPromptSide(nn.Module):
         e = self.embedding_size
         c1, c2 = conv1.out_channels, conv2.out_channels
         # weight (in, out, ka, kb) → (in, ka, kb, out): the kernel offset becomes part of the pixel index.
-        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)
-        x = (keys @ w1).reshape(b, hw * 4, c1) + conv1.bias
-        x = act1(torch.nn.functional.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        x = act2((x @ w2).reshape(b, hw * 16, c2) + conv2.bias)
+        w1 = conv1.weight.permute(2, 3, 1, 0).reshape(4 * c1, conv1.in_channels)
+        x = F.linear(keys, w1, conv1.bias.repeat(4)).reshape(b, hw * 4, c1)
+        x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+        w2 = conv2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
+        x = act2(F.linear(x, w2, conv2.bias.repeat(4)).reshape(b, hw * 16, c2))
         masks = x @ hyper_in.transpose(1, 2)  # (B, 16·HW, K)
         k = masks.shape[-1]
         masks = masks.reshape(b, e, e, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)

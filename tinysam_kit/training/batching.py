@@ -56,6 +56,16 @@ def upsample(logits: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
 
 
+def resize_targets(targets: torch.Tensor, size: int) -> torch.Tensor:
+    """(P, H, W) binary targets → (P, size, size) pixel coverage in [0, 1] (area average): the loss
+    resolution can be below the image's without losing sub-pixel boundary positions."""
+    if targets.shape[-1] == size:
+        return targets
+    if targets.shape[-1] % size == 0:
+        return F.avg_pool2d(targets[:, None], targets.shape[-1] // size)[:, 0]
+    return F.interpolate(targets[:, None], (size, size), mode="area")[:, 0]
+
+
 def initial_groups(rng: np.random.Generator, targets_per_image: list[list[np.ndarray]], box_fraction: float,
                    size: int) -> list[PromptGroup]:
     """One click or one jittered box per target; returns the point group and the box group (if any)."""

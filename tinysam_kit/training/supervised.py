@@ -18,7 +18,7 @@ import torch
 from ..models.checkpoint import save_checkpoint
 from ..models.config import ModelConfig
 from ..models.sam import build_model
-from .batching import decode_group, initial_groups, normalize_images, refinement_group, upsample
+from .batching import decode_group, initial_groups, normalize_images, refinement_group, resize_targets, upsample
 from .loop import (
     TrainingError,
     cosine_lr,
@@ -51,6 +51,7 @@ class SupervisedConfig:
     background_fraction: float = 0.05
     refine_rounds: int = 1
     refine_fraction: float = 0.5
+    loss_size: int = 128  # masks are compared at this resolution (area-averaged targets)
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -67,7 +68,8 @@ class SupervisedConfig:
     def resume_key(self) -> dict:
         """Settings that must match for a resumed run to continue the same trajectory."""
         keys = ("model", "steps", "batch_images", "prompts_per_image", "box_fraction", "background_fraction",
-                "refine_rounds", "refine_fraction", "lr", "warmup", "weight_decay", "seed", "world_seed", "world")
+                "refine_rounds", "refine_fraction", "loss_size", "lr", "warmup", "weight_decay", "seed",
+                "world_seed", "world")
         return json.loads(json.dumps({k: getattr(self, k) for k in keys}))
 
 
@@ -96,7 +98,8 @@ def supervised_step(model, images: torch.Tensor, targets: list[list[np.ndarray]]
             g = group.to(device)
             with precision.autocast():
                 logits, iou = decode_group(net, embeddings, g)
-            loss, s = prompt_loss(upsample(logits.float(), size), iou.float(), g.targets)
+            loss, s = prompt_loss(upsample(logits.float(), cfg.loss_size), iou.float(),
+                                  resize_targets(g.targets, cfg.loss_size))
             total = total + loss * len(g)
             count += len(g)
             for k, v in s.items():

@@ -1,0 +1,90 @@
+"""Everything mode behaviour beyond the reference runs: parameters, crops, output modes, robustness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinysam_kit.operators.encodings.coco import coco_rle_to_mask, uncompressed_rle_to_mask
+from tinysam_kit.operators.everything import EverythingGenerator, generate_crop_boxes, generate_everything
+from tinysam_kit.operators.predictor import TinySamPredictor
+
+LOOSE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, points_per_side=8)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_random_checkpoint):
+    return TinySamPredictor.from_pretrained(str(tiny_random_checkpoint), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(1)
+    img = np.full((90, 120, 3), 40, np.uint8)
+    img[20:60, 30:80] = (200, 60, 60)
+    img[50:85, 70:115] = (40, 180, 90)
+    return (img + rng.integers(0, 10, img.shape)).astype(np.uint8)
+
+
+def test_output_modes_agree(predictor, image):
+    binary = generate_everything(predictor, image, **LOOSE)
+    coco = generate_everything(predictor, image, output_mode="coco_rle", **LOOSE)
+    raw = generate_everything(predictor, image, output_mode="uncompressed_rle", **LOOSE)
+    assert len(binary) == len(coco) == len(raw) > 0
+    for b, c, r in zip(binary, coco, raw):
+        assert b["segmentation"].shape == (90, 120)
+        assert np.array_equal(b["segmentation"], coco_rle_to_mask(c["segmentation"]))
+        assert np.array_equal(b["segmentation"], uncompressed_rle_to_mask(r["segmentation"]))
+        assert b["area"] == int(b["segmentation"].sum())
+        x, y, w, h = b["bbox"]
+        if b["area"]:
+            ys, xs = np.nonzero(b["segmentation"])
+            assert (x, y, x + w, y + h) == (xs.min(), ys.min(), xs.max(), ys.max())
+    scores = [r["predicted_iou"] for r in binary]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_max_masks_and_min_area(predictor, image):
+    full = generate_everything(predictor, image, **LOOSE)
+    capped = generate_everything(predictor, image, max_masks=2, **LOOSE)
+    assert [r["predicted_iou"] for r in capped] == [r["predicted_iou"] for r in full[:2]]
+    cleaned = generate_everything(predictor, image, min_mask_region_area=30, **LOOSE)
+    assert 0 < len(cleaned) <= len(full)
+
+
+def test_thresholds_that_reject_everything_give_no_records(predictor, image):
+    records, stats = generate_everything(predictor, image, pred_iou_thresh=50.0, return_stats=True)
+    assert records == [] and stats["stage2_points"] >= 0
+    assert generate_everything(predictor, image, mode="dense", pred_iou_thresh=50.0) == []
+
+
+def test_hierarchical_decodes_fewer_prompts_than_dense(predictor, image):
+    gen_h = EverythingGenerator(predictor, "hierarchical", **LOOSE)
+    gen_h.generate(image)
+    gen_d = EverythingGenerator(predictor, "dense", **LOOSE)
+    gen_d.generate(image)
+    assert gen_d.stats["prompts_decoded"] == 64
+    assert gen_h.stats["prompts_decoded"] == 4 + gen_h.stats["stage2_points"]
+
+
+def test_crop_layers(predictor, image):
+    crops = generate_crop_boxes(90, 120, 1, 512 / 1500)
+    assert crops[0] == ([0, 0, 120, 90], 0) and len(crops) == 5
+    assert all(c[2] <= 120 and c[3] <= 90 for c, _ in crops)
+    records = generate_everything(predictor, image, mode="dense", crop_n_layers=1, **LOOSE)
+    assert records
+    boxes = {tuple(r["crop_box"]) for r in records}
+    assert all(len(b) == 4 for b in boxes)
+    for r in records:
+        assert r["segmentation"].shape == (90, 120)
+
+
+def test_bad_parameters_are_rejected(predictor, image):
+    with pytest.raises(TypeError, match="unknown everything-mode parameter"):
+        generate_everything(predictor, image, points_per_sid=4)
+    with pytest.raises(ValueError, match="mode must be"):
+        generate_everything(predictor, image, mode="sparse")
+    with pytest.raises(ValueError, match="output_mode"):
+        generate_everything(predictor, image, output_mode="png")
+    with pytest.raises(ValueError, match="points_per_side"):
+        generate_everything(predictor, image, points_per_side=1)

@@ -1,0 +1,255 @@
+"""End to end against a real Label Studio 1.23 (own venv from .ci/setup_labelstudio.sh) and our backend
+served by uvicorn, both on 127.0.0.1: smart clicks through Label Studio's interactive-annotating API,
+"Retrieve predictions", stored annotations/predictions decoded back, and `tinysam ls-prelabel`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from labelstudio_helpers import UvicornThread, encode_image, free_port, ls_python, ls_venv, synthetic_image
+
+from tinysam_kit.operators.encodings.labelstudio import rle_to_mask
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+USER, PASSWORD = "admin@example.com", "tinysam-e2e"
+TOKEN = "0123456789abcdef0123456789abcdef01234567"  # preset legacy token (the template was made with it)
+CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="brush" toName="image">
+    <Label value="Object" background="#FF0000"/>
+    <Label value="Background" background="#0000FF"/>
+  </BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true">
+    <Label value="Object" smart="true" background="#FFAA00"/>
+  </KeyPointLabels>
+  <RectangleLabels name="rect" toName="image" smart="true">
+    <Label value="Background" background="#00FF00"/>
+  </RectangleLabels>
+</View>"""
+SIZES = [(320, 240), (256, 320), (300, 200)]
+
+
+def _model(tiny_random_checkpoint) -> tuple[str, dict]:
+    """The trained demo model when it is present (meaningful masks), else the tiny random one."""
+    try:
+        from tinysam_kit.models.registry import MODELS, resolve_weights
+
+        if "demo" in MODELS:
+            resolve_weights("demo", download=False)
+            return "demo", {}
+    except Exception:  # noqa: BLE001 - any reason the demo model is unusable means: use the tiny one
+        pass
+    # random weights predict low IoUs: keep every candidate so everything-mode returns regions
+    return str(tiny_random_checkpoint), {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    if ls_python() is None:
+        pytest.skip(f"Label Studio is not installed in {ls_venv()} (run .ci/setup_labelstudio.sh)")
+    work = tmp_path_factory.mktemp("label_studio")
+    data = work / "data"
+    template = ls_venv().parent / "template"
+    if (template / "label_studio.sqlite3").is_file():
+        shutil.copytree(template, data)  # already migrated: starts in seconds instead of minutes
+    port = free_port()
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data), "ML_BLOCK_LOCAL_IP": "false",
+           "SSRF_PROTECTION_ENABLED": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
+           "LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true"}
+    log = open(work / "label_studio.log", "wb")
+    proc = subprocess.Popen(
+        [str(ls_venv() / "bin" / "label-studio"), "start", "--no-browser", "--internal-host", "127.0.0.1",
+         "-p", str(port), "--username", USER, "--password", PASSWORD, "--user-token", TOKEN,
+         "--enable-legacy-api-token"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Token {TOKEN}"}, timeout=120)
+    try:
+        deadline = time.time() + 1200  # a fresh database migrates for minutes on a busy 2-core machine
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("label-studio exited:\n" + (work / "label_studio.log").read_text()[-3000:])
+            try:
+                if client.get("/api/projects").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("label-studio did not come up:\n" + (work / "label_studio.log").read_text()[-3000:])
+            time.sleep(1)
+        yield client
+    finally:
+        client.close()
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and any child it started
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def backend_server(label_studio, tiny_random_checkpoint):
+    from tinysam_kit.ml_backend import BackendSettings, create_app
+    from tinysam_kit.ml_backend.backend import TinySamBackend
+
+    model, overrides = _model(tiny_random_checkpoint)
+    settings = BackendSettings.from_env({}, model=model, label_studio_url=str(label_studio.base_url).rstrip("/"),
+                                        label_studio_api_key=TOKEN, points_per_side=8, min_region_area=20,
+                                        max_regions=5, **overrides)
+    backend = TinySamBackend(settings)
+    with UvicornThread(create_app(settings, backend)) as server:
+        yield server, backend
+    backend.close()
+
+
+def _project(ls: httpx.Client, title: str, n_images: int) -> tuple[int, list[dict]]:
+    pid = ls.post("/api/projects", json={"title": title, "label_config": CONFIG}).raise_for_status().json()["id"]
+    files = [(f"file{i}", (f"img{i}.png", encode_image(synthetic_image(*SIZES[i], seed=i)), "image/png"))
+             for i in range(n_images)]
+    ls.post(f"/api/projects/{pid}/import", files=files).raise_for_status()
+    tasks = ls.get("/api/tasks", params={"project": pid, "page_size": 100}).raise_for_status().json()["tasks"]
+    assert len(tasks) == n_images
+    return pid, sorted(tasks, key=lambda t: t["id"])
+
+
+def _kp(x, y, positive, w, h):
+    return {"original_width": w, "original_height": h, "image_rotation": 0, "from_name": "kp", "to_name": "image",
+            "type": "keypointlabels", "origin": "manual", "is_positive": positive,
+            "value": {"x": x, "y": y, "width": 0.6, "labels": ["Object"], "keypointlabels": ["Object"]}}
+
+
+def _rect(x, y, bw, bh, w, h):
+    return {"original_width": w, "original_height": h, "image_rotation": 0, "from_name": "rect", "to_name": "image",
+            "type": "rectanglelabels", "origin": "manual",
+            "value": {"x": x, "y": y, "width": bw, "height": bh, "rotation": 0, "rectanglelabels": ["Background"]}}
+
+
+def test_smart_clicks_and_retrieved_predictions_round_trip(label_studio, backend_server):
+    from tinysam_kit.ml_backend.backend import segment
+    from tinysam_kit.operators.images import load_image
+
+    ls = label_studio
+    server, backend = backend_server
+    pid, tasks = _project(ls, "tinysam-e2e", 2)
+    ml = ls.post("/api/ml", json={"url": server.url, "project": pid, "title": "TinySAM",
+                                  "is_interactive": True}).raise_for_status().json()
+    assert ml["state"] == "CO", ml
+    assert ml["model_version"] == backend.model_version
+
+    task = tasks[0]
+    image = load_image(ls.get(task["data"]["image"]).raise_for_status().content)
+    h, w = image.shape[:2]
+    state = backend.predictor.embed(image)
+    prompts = {
+        "positive keypoint": ([_kp(40, 40, True, w, h)], [(0.4 * w, 0.4 * h)], [1], None, "Object"),
+        "keypoints ±": ([_kp(40, 40, True, w, h), _kp(75, 70, False, w, h)],
+                        [(0.4 * w, 0.4 * h), (0.75 * w, 0.7 * h)], [1, 0], None, "Object"),
+        "rectangle": ([_rect(20, 20, 40, 35, w, h)], [], [], (0.2 * w, 0.2 * h, 0.6 * w, 0.55 * h), "Background"),
+    }
+    regions, expected = [], []
+    for name, (context, points, labels, box, label) in prompts.items():
+        resp = ls.post(f"/api/ml/{ml['id']}/interactive-annotating",
+                       json={"task": task["id"], "context": {"result": context}}).raise_for_status().json()
+        assert "errors" not in resp or not resp["errors"], (name, resp)
+        data = resp["data"]
+        assert data["model_version"] == backend.model_version
+        (region,) = data["result"]
+        assert region["value"]["brushlabels"] == [label], name
+        mask, score = segment(backend.predictor, state, points, labels, box)
+        assert np.array_equal(rle_to_mask(region["value"]["rle"], h, w), mask), name
+        assert region["score"] == pytest.approx(score)
+        regions.append(region)
+        expected.append(mask)
+
+    # the annotator accepts the suggestions and submits: what Label Studio stores decodes to the same masks
+    created = ls.post(f"/api/tasks/{task['id']}/annotations", json={"result": regions}).raise_for_status().json()
+    stored = ls.get(f"/api/annotations/{created['id']}").raise_for_status().json()["result"]
+    assert len(stored) == 3
+    for region, mask in zip(stored, expected):
+        assert np.array_equal(rle_to_mask(region["value"]["rle"], region["original_height"],
+                                          region["original_width"]), mask)
+
+    # Data Manager → "Retrieve predictions" on all tasks
+    def retrieve():
+        return ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+                       json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status().json()
+
+    retrieve()
+    from tinysam_kit.ml_backend.label_config import parse_label_config
+
+    config = parse_label_config(CONFIG)
+    for t in tasks:
+        preds = ls.get("/api/predictions", params={"task": t["id"]}).raise_for_status().json()
+        assert len(preds) == 1 and preds[0]["model_version"] == backend.model_version
+        assert preds[0]["result"], "everything mode stored no region"
+        direct = backend.everything(t, config)["result"]
+        assert len(preds[0]["result"]) == len(direct)
+        for got, want in zip(preds[0]["result"], direct):
+            hh, ww = want["original_height"], want["original_width"]
+            assert np.array_equal(rle_to_mask(got["value"]["rle"], hh, ww), rle_to_mask(want["value"]["rle"], hh, ww))
+            assert got["value"]["brushlabels"] == ["Object"]
+    # a second retrieve skips tasks already predicted by this model_version
+    retrieve()
+    assert len(ls.get("/api/predictions", params={"project": pid}).json()) == len(tasks)
+
+
+def _run_cli(argv: list[str]) -> int:
+    from tinysam_kit.ml_backend.cli import register
+
+    parser = argparse.ArgumentParser(prog="tinysam")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_ls_prelabel_pushes_predictions_and_resumes(label_studio, backend_server, monkeypatch):
+    ls = label_studio
+    _, backend = backend_server
+    pid, tasks = _project(ls, "tinysam-prelabel", 3)
+    # a personal access token (JWT refresh token) exercises the /api/token/refresh/ exchange for real
+    pat = ls.post("/api/token/").raise_for_status().json()["token"]
+    assert pat.count(".") == 2
+    for key, value in {"TINYSAM_PRED_IOU_THRESH": backend.settings.pred_iou_thresh,
+                       "TINYSAM_STABILITY_THRESH": backend.settings.stability_score_thresh,
+                       "TINYSAM_POINTS_PER_SIDE": 8, "TINYSAM_MAX_REGIONS": 4}.items():
+        monkeypatch.setenv(key, str(value))
+    base = ["ls-prelabel", "--project", str(pid), "--url", str(ls.base_url).rstrip("/"), "--api-key", pat,
+            "--model", backend.settings.model, "--no-progress", "--page-size", "2"]
+
+    def versions():
+        preds = ls.get("/api/predictions", params={"project": pid}).raise_for_status().json()
+        return sorted(p["task"] for p in preds), {p["model_version"] for p in preds}
+
+    assert _run_cli(base + ["--limit", "1"]) == 0  # an interrupted run: one task done
+    done, mv = versions()
+    assert done == [tasks[0]["id"]] and mv == {backend.model_version}
+    assert _run_cli(base) == 0  # resumes: the other two
+    done, _ = versions()
+    assert done == [t["id"] for t in tasks]
+    assert _run_cli(base) == 0  # nothing left: no duplicates
+    done, _ = versions()
+    assert done == [t["id"] for t in tasks]
+    preds = ls.get("/api/predictions", params={"project": pid}).json()
+    for p in preds:
+        assert 1 <= len(p["result"]) <= 4
+        r = p["result"][0]
+        assert rle_to_mask(r["value"]["rle"], r["original_height"], r["original_width"]).any()
+
+
+def test_ls_prelabel_reports_a_bad_project(label_studio, backend_server):
+    _, backend = backend_server
+    code = _run_cli(["ls-prelabel", "--project", "99999", "--url", str(label_studio.base_url).rstrip("/"),
+                     "--api-key", TOKEN, "--model", backend.settings.model, "--no-progress"])
+    assert code == 1
