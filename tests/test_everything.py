@@ -88,3 +88,17 @@ def test_bad_parameters_are_rejected(predictor, image):
         generate_everything(predictor, image, output_mode="png")
     with pytest.raises(ValueError, match="points_per_side"):
         generate_everything(predictor, image, points_per_side=1)
+
+
+def test_low_res_prefilter_keeps_exact_masks(predictor, image):
+    exact = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
+                                stability_score_thresh=0.5)
+    fast = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
+                               stability_score_thresh=0.5, low_res_prefilter_margin=1.0)
+    # A margin as wide as the score range never drops anything: identical output.
+    assert [r["area"] for r in fast] == [r["area"] for r in exact]
+    tight = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
+                                stability_score_thresh=0.5, low_res_prefilter_margin=0.0)
+    exact_areas = {(tuple(r["point_coords"][0]), r["area"]) for r in exact}
+    # Whatever the prefilter keeps is computed exactly (a subset of the exact records, modulo NMS reshuffles).
+    assert sum((tuple(r["point_coords"][0]), r["area"]) in exact_areas for r in tight) >= 0.5 * len(tight)

@@ -95,9 +95,18 @@ def test_apply_model_rejects_unknown_arguments(dataset, model):
         dataset.apply_model(model, "x", mask_prompt_field="gt", progress=False)
 
 
-def test_zoo_source_registers_and_loads(fo, tmp_path, tiny_random_checkpoint, dataset):
+def test_zoo_source_registers_and_loads(fo, tmp_path, tiny_random_checkpoint, dataset, monkeypatch):
     """Register the zoo folder the way users do (an archive URL), served from 127.0.0.1."""
+    import importlib.metadata
+
     import fiftyone.zoo as foz
+
+    try:
+        importlib.metadata.version("tinysam-kit")
+    except importlib.metadata.PackageNotFoundError:
+        # Running from a source checkout that is importable but not pip-installed: the manifest's
+        # requirement check cannot see it (CI installs the package, so there the check runs for real).
+        monkeypatch.setattr(fo.config, "requirement_error_level", 1)
 
     archive = tmp_path / "tinysam-zoo.zip"
     with zipfile.ZipFile(archive, "w") as zf:

@@ -345,3 +345,58 @@ def test_cloud_uri_is_presigned_through_label_studio():
         ls.redirects[url[len(ls.url):]] = bucket.url + "/bucket/key.png"
         assert fetcher.fetch("s3://bucket/key.png", task_id=5) == png
         fetcher.close()
+
+
+# ---------------------------------------------------------------- the command
+def test_serve_ls_command_and_container_healthcheck(tiny_random_checkpoint):
+    """`tinysam serve-ls` in its own process, probed by the Docker health check, then stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from labelstudio_helpers import REPO, free_port
+
+    port = free_port()
+    env = {**os.environ, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw", "PYTHONPATH": str(REPO),
+           "TINYSAM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tinysam_kit.cli", "serve-ls", "--host", "127.0.0.1", "--port",
+                             str(port), "--model", str(tiny_random_checkpoint), "--log-level", "warning"],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.time() < deadline, "serve-ls did not become healthy"
+            try:
+                if httpx.get(url + "/health", auth=("ls", "pw")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert subprocess.run([sys.executable, "-m", "tinysam_kit.ml_backend.healthcheck", url], env=env,
+                              capture_output=True).returncode == 0
+        assert httpx.get(url + "/health").status_code == 401
+        no_auth = {k: v for k, v in env.items() if not k.startswith("BASIC_AUTH")}
+        assert subprocess.run([sys.executable, "-m", "tinysam_kit.ml_backend.healthcheck", url], env=no_auth,
+                              capture_output=True).returncode == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_serve_ls_refuses_bad_settings(monkeypatch, capsys, tmp_path):
+    import argparse
+
+    from tinysam_kit.ml_backend.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    monkeypatch.setenv("BASIC_AUTH_USER", "only-user")
+    monkeypatch.delenv("BASIC_AUTH_PASS", raising=False)
+    args = parser.parse_args(["serve-ls", "--model", str(tmp_path / "nope.pth")])
+    assert args.func(args) == 2
+    assert "BASIC_AUTH_PASS" in capsys.readouterr().err
+    monkeypatch.delenv("BASIC_AUTH_USER")
+    assert args.func(args) == 2  # the model file does not exist: a one-line error, no traceback
+    assert "nope.pth" in capsys.readouterr().err

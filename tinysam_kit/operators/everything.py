@@ -40,6 +40,11 @@ class EverythingParams:
     min_mask_region_area: int = 0
     max_masks: int | None = None  # keep only the best-scoring records (None: all)
     output_mode: str = "binary_mask"
+    # Opt-in speed-up: skip candidates whose stability on the low-resolution logits is below
+    # stability_score_thresh - low_res_prefilter_margin. Kept masks stay exact; a candidate that the exact
+    # path would keep can only be lost when its low- and full-resolution stabilities differ by more than
+    # the margin (benchmarks/bench_core.py reports the agreement). None = exact path only.
+    low_res_prefilter_margin: float | None = None
 
     def validate(self) -> None:
         if self.points_per_side < 2:
@@ -184,7 +189,7 @@ class EverythingGenerator:
         self.stats: dict = {}
 
     # ------------------------------------------------------------- stages
-    def _process_points(self, state: ImageEmbedding, normalized: np.ndarray, union: torch.Tensor | None,
+    def _process_points(self, state: ImageEmbedding, normalized: np.ndarray, union: np.ndarray | None,
                         crop_box: list[int] | None = None, full_size: tuple[int, int] | None = None) -> Candidates:
         """Decode single positive points in batches; keep filtered masks as RLE; OR confident pixels into
         `union` when given. With a crop, `state` is the crop's embedding and results are mapped back to
@@ -209,22 +214,29 @@ class EverythingGenerator:
             iou = iou.reshape(-1)
             batch_points = np.repeat(batch, k, axis=0) + np.array([[x0, y0]])
             keep = iou > p.pred_iou_thresh if p.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+            if p.low_res_prefilter_margin is not None and p.stability_score_thresh > 0.0:
+                s_low = self._low_res_valid(low_res, state)
+                rough = stability_score(s_low, 0.0, p.stability_score_offset)
+                keep &= ~(rough < p.stability_score_thresh - p.low_res_prefilter_margin)
             keep_idx = keep.nonzero().flatten()
             if keep_idx.numel() == 0:
                 continue
             low_res, iou, batch_points = low_res[keep_idx], iou[keep_idx], batch_points[keep_idx.numpy()]
             for offset, logits in self.predictor.iter_upsampled(low_res, state):
                 sel = slice(offset, offset + logits.shape[0])
-                stability = stability_score(logits, 0.0, p.stability_score_offset)
+                # NumPy's counting and comparisons are several times faster than torch's on bool data.
+                flat = logits.numpy().reshape(logits.shape[0], -1)
+                del logits
+                stability = stability_score(flat, 0.0, p.stability_score_offset)
                 ok = stability >= p.stability_score_thresh if p.stability_score_thresh > 0.0 else \
                     torch.ones_like(stability, dtype=torch.bool)
                 if not ok.any():
                     continue
-                logits = logits[ok]
+                flat = flat[ok.numpy()]
                 if union is not None:
-                    union |= (logits > p.high_score_thresh).any(dim=0)
-                masks = logits > 0.0
-                del logits
+                    union |= (flat > p.high_score_thresh).any(axis=0).reshape(h, w)
+                masks = (flat > 0.0).reshape(-1, h, w)
+                del flat
                 boxes = masks_to_boxes(masks)
                 chunk_iou, chunk_stab, chunk_pts = iou[sel][ok], stability[ok], batch_points[sel][ok.numpy()]
                 if is_crop:
@@ -232,9 +244,9 @@ class EverythingGenerator:
                     if edge.all():
                         continue
                     inside = ~edge
-                    masks, boxes = masks[inside], boxes[inside]
+                    masks, boxes = masks[inside.numpy()], boxes[inside]
                     chunk_iou, chunk_stab, chunk_pts = chunk_iou[inside], chunk_stab[inside], chunk_pts[inside.numpy()]
-                    padded = torch.zeros((masks.shape[0], full_h, full_w), dtype=torch.bool)
+                    padded = np.zeros((masks.shape[0], full_h, full_w), dtype=bool)
                     padded[:, y0 : y0 + h, x0 : x0 + w] = masks
                     masks = padded
                     boxes = boxes + torch.as_tensor([x0, y0, x0, y0])
@@ -245,6 +257,12 @@ class EverythingGenerator:
                 out.points.append(chunk_pts)
                 out.crop_boxes += [list(crop_box)] * masks.shape[0]
         return out
+
+    def _low_res_valid(self, low_res: torch.Tensor, state: ImageEmbedding) -> torch.Tensor:
+        """The part of the low-res logits that maps onto the image (the rest covers the zero padding)."""
+        nh, nw = state.input_size
+        scale = low_res.shape[-1] / self.predictor.img_size
+        return low_res[..., : max(1, round(nh * scale)), : max(1, round(nw * scale))]
 
     def _dense(self, image, state: ImageEmbedding) -> Candidates:
         p = self.params
@@ -293,9 +311,9 @@ class EverythingGenerator:
             cands = self._dense(image, state)
         else:
             grid = build_point_grid(p.points_per_side // 4)
-            union = torch.zeros((h, w), dtype=torch.bool)
+            union = np.zeros((h, w), dtype=bool)
             stage1 = self._process_points(state, grid, union)
-            extra = stage2_points(grid, union.numpy(), p.points_per_side)
+            extra = stage2_points(grid, union, p.points_per_side)
             self.stats.update(stage1_points=len(grid), stage2_points=len(extra), stage1_masks=len(stage1))
             # The official code crashes when stage 1 covers every stage-2 proposal; stage 1 alone is the answer.
             cands = self._process_points(state, extra, None) if len(extra) else Candidates()
@@ -350,11 +368,15 @@ class EverythingGenerator:
         return uncompressed_rle_to_mask(rle)
 
 
-def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
-    """IoU between the masks thresholded at threshold ± offset (float32 ratio of pixel counts)."""
-    inter = (logits > threshold + offset).sum(dim=(-1, -2), dtype=torch.int64).to(torch.float32)
-    union = (logits > threshold - offset).sum(dim=(-1, -2), dtype=torch.int64).to(torch.float32)
-    return inter / union
+def stability_score(logits, threshold: float, offset: float) -> torch.Tensor:
+    """IoU between the masks thresholded at threshold ± offset, per row of an (N, pixels) array or an
+    (N, H, W) tensor; float32 ratio of pixel counts as SAM computes it."""
+    flat = logits.numpy() if isinstance(logits, torch.Tensor) else logits
+    flat = flat.reshape(flat.shape[0], -1)
+    inter = np.count_nonzero(flat > threshold + offset, axis=1).astype(np.float32)
+    union = np.count_nonzero(flat > threshold - offset, axis=1).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return torch.from_numpy(inter / union)
 
 
 def remove_small_regions(mask: np.ndarray, area_thresh: int, mode: str) -> tuple[np.ndarray, bool]:
@@ -383,9 +405,9 @@ def remove_small_regions_and_renms(rles: list[dict], boxes: torch.Tensor, min_ar
         mask = uncompressed_rle_to_mask(rle)
         mask, changed_holes = remove_small_regions(mask, min_area, "holes")
         mask, changed_islands = remove_small_regions(mask, min_area, "islands")
-        new_masks.append(torch.from_numpy(np.ascontiguousarray(mask)))
+        new_masks.append(mask)
         scores.append(float(not (changed_holes or changed_islands)))
-    masks = torch.stack(new_masks)
+    masks = np.stack(new_masks)
     new_boxes = masks_to_boxes(masks)
     score_t = torch.as_tensor(scores)
     keep = single_class_nms(new_boxes.float(), score_t, nms_thresh)

@@ -9,21 +9,21 @@ import torch
 _VANILLA_PATH_NUMEL = 4000
 
 
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool → (N, 4) int64 inclusive XYXY tight boxes; empty masks give [0, 0, 0, 0]."""
+def masks_to_boxes(masks) -> torch.Tensor:
+    """(N, H, W) bool array/tensor → (N, 4) int64 inclusive XYXY tight boxes; empty masks give [0, 0, 0, 0]."""
+    masks = masks.numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
     n, h, w = masks.shape
     if n == 0:
         return torch.zeros((0, 4), dtype=torch.int64)
-    rows = masks.any(dim=2)
-    cols = masks.any(dim=1)
-    top = rows.to(torch.uint8).argmax(dim=1)
-    bottom = h - 1 - rows.flip(1).to(torch.uint8).argmax(dim=1)
-    left = cols.to(torch.uint8).argmax(dim=1)
-    right = w - 1 - cols.flip(1).to(torch.uint8).argmax(dim=1)
-    boxes = torch.stack([left, top, right, bottom], dim=1)
-    empty = ~rows.any(dim=1)
-    boxes[empty] = 0
-    return boxes
+    rows = masks.any(axis=2)
+    cols = masks.any(axis=1)
+    top = rows.argmax(axis=1)
+    bottom = h - 1 - rows[:, ::-1].argmax(axis=1)
+    left = cols.argmax(axis=1)
+    right = w - 1 - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([left, top, right, bottom], axis=1).astype(np.int64)
+    boxes[~rows.any(axis=1)] = 0
+    return torch.from_numpy(boxes)
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

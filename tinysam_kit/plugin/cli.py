@@ -34,8 +34,8 @@ def register(subparsers) -> None:
     pre.add_argument("--dataset", required=True, help="FiftyOne dataset name (created if missing)")
     pre.add_argument("--field", default="tinysam", help="output Detections field (default: tinysam)")
     pre.add_argument("--dense", action="store_true", help="dense point grid instead of TinySAM's hierarchical mode")
-    pre.add_argument("--model", default=None, help="registered model name or checkpoint path "
-                                                   "(default: $TINYSAM_MODEL or tinysam)")
+    pre.add_argument("--model", default="auto", help="registered model name or checkpoint path; 'auto' = official "
+                                                     "TinySAM, else the bundled demo model (default: auto)")
     pre.add_argument("--engine", default="torch", choices=["torch", "onnx"])
     pre.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -108,8 +108,14 @@ def prelabel(args) -> int:
     import fiftyone as fo
     from tqdm import tqdm
 
-    from ..models.registry import default_model
+    from ..cli import CliError, resolve_model_choice
     from .runner import RunError, RunSpec, run_segmentation
+
+    try:
+        model = resolve_model_choice(args.model)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     if fo.dataset_exists(args.dataset):
         dataset = fo.load_dataset(args.dataset)
@@ -129,7 +135,7 @@ def prelabel(args) -> int:
                   "min_mask_region_area": args.min_area}
     if args.max_masks:
         everything["max_masks"] = args.max_masks
-    spec = RunSpec("everything", args.field, model=args.model or default_model(), engine=args.engine,
+    spec = RunSpec("everything", args.field, model=model, engine=args.engine,
                    precision=args.precision, device=args.device, mode="dense" if args.dense else "hierarchical",
                    everything=everything, label=args.label, instance_map_field=args.instance_map_field,
                    mask_dir=args.masks_dir, overwrite=args.overwrite)

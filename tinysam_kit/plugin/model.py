@@ -28,7 +28,7 @@ PROMPT_KEYS = ("box_prompt_field", "point_prompt_field", "prompt_field")
 class TinySamModelConfig:
     """What `apply_model` may look at (`confidence_thresh`, `filter_classes`) plus TinySAM's settings."""
 
-    model: str = "tinysam"
+    model: str = "auto"  # official TinySAM if its weights can be had, else the bundled demo
     engine: str = "torch"
     precision: str = "fp32"
     device: str = "auto"

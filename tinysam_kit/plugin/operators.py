@@ -30,15 +30,14 @@ ERRORS_SHOWN = 20
 
 
 def default_model() -> str:
-    from ..models.registry import default_model as registry_default
-
-    return registry_default()
+    return "auto"  # official TinySAM if its weights can be had, else the bundled demo model
 
 
 # ------------------------------------------------------------------------------ shared form parts
 def _model_inputs(inputs: types.Object) -> None:
     inputs.str("model", default=default_model(), label="Model",
-               description="A registered model (tinysam, tinysam-v1, mobilesam, demo) or a checkpoint path")
+               description="auto (official TinySAM, else the bundled demo), a registered model (tinysam, "
+                           "tinysam-v1, mobilesam, demo) or a checkpoint path")
     inputs.enum("engine", list(ENGINES), default="torch", label="Engine",
                 view=types.RadioGroup(orientation="horizontal"))
     inputs.enum("precision", list(PRECISIONS), default="fp32", label="Precision",

@@ -3,6 +3,7 @@ keeps its embedding cache between clicks instead of reloading weights every time
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 
@@ -10,13 +11,30 @@ from ..operators.predictor import TinySamPredictor
 
 MAX_PREDICTORS = 2  # each holds weights plus an embedding cache; two covers "compare fp32 vs int8"
 
+logger = logging.getLogger(__name__)
+
 _predictors: OrderedDict[tuple, TinySamPredictor] = OrderedDict()
 _lock = threading.Lock()
 
 
-def get_predictor(model: str = "tinysam", engine: str = "torch", precision: str = "fp32",
+def resolve_model(model: str) -> str:
+    """'auto' → official TinySAM when its weights can be had, else the bundled demo (with a warning)."""
+    if str(model) != "auto":
+        return str(model)
+    from ..cli import CliError, resolve_model_choice
+
+    try:
+        return resolve_model_choice("auto", log=lambda message, **_: logger.warning(message))
+    except CliError as exc:
+        from ..models.registry import ModelNotAvailableError
+
+        raise ModelNotAvailableError(str(exc)) from exc
+
+
+def get_predictor(model: str = "auto", engine: str = "torch", precision: str = "fp32",
                   device: str = "auto") -> TinySamPredictor:
-    key = (str(model), engine, precision, device)
+    model = resolve_model(model)
+    key = (model, engine, precision, device)
     with _lock:
         predictor = _predictors.get(key)
         if predictor is not None:

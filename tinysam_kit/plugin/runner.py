@@ -44,7 +44,7 @@ class RunSpec:
 
     task: str  # "everything" | "prompts"
     label_field: str
-    model: str = "tinysam"
+    model: str = "auto"
     engine: str = "torch"
     precision: str = "fp32"
     device: str = "auto"

@@ -11,20 +11,26 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 def create_engine(model: str = "tinysam", *, engine: str = "torch", precision: str = "fp32",
                   device: str = "auto", threads: int | None = None, **options) -> Engine:
-    """Load `model` (registry name or checkpoint path) and wrap it in the requested engine."""
+    """Load `model` (registry name or checkpoint path) and wrap it in the requested engine.
+
+    `options` go to the engine: torch takes `exact`, `channels_last`, `compile`; onnx takes `export_dir`.
+    Unavailable devices, precisions or providers raise a one-line EngineUnavailableError.
+    """
     from ..models.registry import load_model_with_info
 
     if engine not in ENGINES:
         raise EngineUnavailableError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     if precision not in PRECISIONS:
         raise EngineUnavailableError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if engine == "torch":
+        resolve_device(device)  # fail fast, before loading weights
     if engine == "onnx":
         from .onnx_engine import OnnxEngine  # optional dependency
 
         return OnnxEngine.from_model(model, precision=precision, device=device, threads=threads, **options)
     net, name, sha = load_model_with_info(model, device="cpu")
     return TorchEngine(net, device=device, precision=precision, model_name=name, model_sha256=sha,
-                       threads=threads)
+                       threads=threads, **options)
 
 
 __all__ = ["Engine", "EngineInfo", "EngineUnavailableError", "TorchEngine", "create_engine", "resolve_device"]

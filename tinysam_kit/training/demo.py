@@ -27,7 +27,11 @@ def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
     cfg = SupervisedConfig(
         model=json.loads(json.dumps(DEMO_MODEL.to_dict())),
         out_dir=str(out_dir),
-        steps=300,
+        steps=800,
+        warm_steps=450,
+        warm_size=128,
+        warm_batch_images=8,
+        warm_world={"min_objects": 1, "max_objects": 3},
         batch_images=4,
         prompts_per_image=6,
         box_fraction=0.4,
@@ -39,8 +43,8 @@ def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
         weight_decay=0.01,
         seed=0,
         world_seed=0,
-        checkpoint_every=25,
-        log_every=5,
+        checkpoint_every=50,
+        log_every=10,
         threads=1,
     )
     return replace(cfg, **overrides)
@@ -49,9 +53,19 @@ def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
 def train_demo(out_dir: str | Path, install: bool = False, log=print, **overrides) -> Path:
     """Train the demo model into `out_dir` (resuming if interrupted); `install` copies it into the
     package weights as demo.pth with its config sidecar."""
+    from .loop import distributed_from_env
+
     cfg = demo_training_config(out_dir, **overrides)
+    world = distributed_from_env().world_size
+    if world > 1:
+        # the recipe's batch is per step, whatever the number of processes (torchrun) sharing it
+        for name in ("batch_images", "warm_batch_images"):
+            if getattr(cfg, name) % world:
+                raise ValueError(f"{name}={getattr(cfg, name)} cannot be split over {world} processes")
+        cfg = replace(cfg, batch_images=cfg.batch_images // world,
+                      warm_batch_images=cfg.warm_batch_images // world)
     final = train_supervised(cfg, log=log)
-    if install:
+    if install and distributed_from_env().is_main:
         from ..models.registry import PACKAGE_WEIGHTS
 
         dest = PACKAGE_WEIGHTS / "demo.pth"

@@ -48,7 +48,7 @@ from .loop import (
     unwrap,
     wrap_ddp,
 )
-from .losses import hard_mask_weights, mask_loss
+from .losses import hard_mask_weights, mask_iou, mask_loss
 from .prompts import disagreement_click
 from .supervised import write_sidecar
 from .synthetic import SyntheticWorld, WorldConfig
@@ -140,12 +140,17 @@ def check_compatible(student: ModelConfig, teacher: ModelConfig, mode: str) -> N
 
 
 class _StudentForward(nn.Module):
+    """The module DDP wraps: its forward runs the whole student side of a step (encoder, then `body`
+    with the decoder), so the reducer sees every parameter the loss uses."""
+
     def __init__(self, model: TinySam) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(images)
+    def forward(self, images: torch.Tensor, body, precision):
+        with precision.autocast():
+            embeddings = self.model.encode(images)
+        return body(embeddings.float())
 
 
 class _TokenTap:
@@ -314,12 +319,14 @@ class Distiller:
         if self.cache is None:
             raise TrainingError("precompute needs an embedding_cache directory")
         done = 0
-        for i in progress(len(self.data), 0, "teacher embeddings", self.ctx.is_main):
-            key, image = self.data[i]
-            if self.cache.get(key) is None:
-                x, _ = to_model_input(image, self.teacher.img_size)
-                self.teacher_embeddings([key], x.to(self.device))
-                done += 1
+        with progress(len(self.data), 0, "teacher embeddings", self.ctx.is_main) as bar:
+            for i in range(len(self.data)):
+                key = self.data.key(i)
+                if not self.cache.path(key).is_file():
+                    x, _ = to_model_input(self.data[i][1], self.teacher.img_size)
+                    self.teacher_embeddings([key], x.to(self.device))
+                    done += 1
+                bar.update(1)
         return done
 
     def batch(self, step: int):
@@ -340,15 +347,24 @@ class Distiller:
         rng = np.random.default_rng([cfg.seed, step, self.ctx.rank])
         keys, images, valid = self.batch(step)
         t_emb = self.teacher_embeddings(keys, images)
-        with self.precision.autocast():
-            s_emb = self.wrapper(images).float()
-        emb_loss = F.mse_loss(s_emb, t_emb)
-        stats = {"embed": float(emb_loss.detach())}
-        if cfg.mode == "decoupled":
-            return cfg.embedding_weight * emb_loss, stats
-        total = cfg.embedding_weight * emb_loss
+
+        def body(s_emb: torch.Tensor):
+            emb_loss = F.mse_loss(s_emb, t_emb)
+            stats = {"embed": float(emb_loss.detach())}
+            if cfg.mode == "decoupled":
+                return cfg.embedding_weight * emb_loss, stats
+            decoder_loss, decoder_stats = self.decoder_loss(rng, s_emb, t_emb, valid)
+            stats.update(decoder_stats)
+            return cfg.embedding_weight * emb_loss + decoder_loss, stats
+
+        return self.wrapper(images, body, self.precision)
+
+    def decoder_loss(self, rng: np.random.Generator, s_emb: torch.Tensor, t_emb: torch.Tensor,
+                     valid: list[tuple[int, int]]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Token, mask and IoU-head terms over all prompts and hard-prompt rounds."""
+        cfg = self.cfg
+        total = torch.zeros((), device=self.device)
         n_terms = 0
-        decoder_loss = torch.zeros((), device=self.device)
         agree = []
         for prompts in initial_prompts(rng, self.teacher, t_emb, valid, cfg.prompts_per_image, cfg.box_fraction,
                                        self.device):
@@ -360,30 +376,26 @@ class Distiller:
                     s_logits, s_iou = prompts.decode(self.student, s_emb)
                 s_tokens = self.tap_student.take().float()
                 s_logits, s_iou, t_logits, t_iou = s_logits.float(), s_iou.float(), t_logits.float(), t_iou.float()
-                per_prompt = mask_loss(s_logits, t_logits.sigmoid()).mean(1) * cfg.mask_weight
+                per_prompt = cfg.mask_weight * mask_loss(s_logits, t_logits.sigmoid()).mean(1)
                 per_prompt = per_prompt + cfg.token_weight * F.mse_loss(s_tokens, t_tokens, reduction="none"
                                                                         ).flatten(1).mean(1)
                 per_prompt = per_prompt + cfg.iou_weight * F.mse_loss(s_iou, t_iou, reduction="none").mean(1)
+                s_best, t_best = _best_token(s_logits, s_iou), _best_token(t_logits, t_iou)
                 if cfg.hard_mask_weighting:
-                    per_prompt = per_prompt * hard_mask_weights(_best_token(s_logits, s_iou),
-                                                                _best_token(t_logits, t_iou))
-                decoder_loss = decoder_loss + per_prompt.mean()
+                    per_prompt = per_prompt * hard_mask_weights(s_best, t_best)
+                total = total + per_prompt.mean()
                 n_terms += 1
                 if round_ == 0:
-                    from .losses import mask_iou
-
-                    agree.append(float(mask_iou(_best_token(s_logits, s_iou),
-                                                (_best_token(t_logits, t_iou) > 0).float()).mean()))
+                    agree.append(float(mask_iou(s_best, (t_best > 0).float()).mean()))
                 if round_ < cfg.hps_rounds:
                     coords, labels = hard_prompt_clicks(rng, s_logits.detach(), s_iou.detach(), t_logits, t_iou,
                                                         self.teacher.img_size)
                     prompts = prompts.with_click(coords.to(self.device), labels.to(self.device))
-        total = total + decoder_loss / max(1, n_terms)
-        stats["decoder"] = float(decoder_loss.detach()) / max(1, n_terms)
-        stats["agree_miou"] = float(np.mean(agree)) if agree else float("nan")
-        return total, stats
+        total = total / max(1, n_terms)
+        return total, {"decoder": float(total.detach()), "agree_miou": float(np.mean(agree)) if agree else 0.0}
 
-    def run(self) -> Path:
+    def run(self, until: int | None = None) -> Path | None:
+        """Train to `cfg.steps` (or stop early after step `until`, state saved, returning None)."""
         cfg = self.cfg
         state_path = self.out / "distill_state.pt"
         step = 0
@@ -414,9 +426,13 @@ class Distiller:
             if self.ctx.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
                 msg = " ".join(f"{k}={v:.4f}" for k, v in stats.items())
                 self.log(f"step {step}/{cfg.steps} {msg} ({time.time() - start:.0f}s)")
-            if self.ctx.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            stop = until is not None and step >= until
+            if self.ctx.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop):
                 save_state(state_path, model=self.student, optimizer=self.optimizer, scaler=self.scaler,
                            step=step, meta=cfg.resume_key())
+            if stop and step < cfg.steps:
+                bar.close()
+                return None
         bar.close()
         final = self.out / "student.pth"
         if self.ctx.is_main:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 
 from ..models.checkpoint import save_checkpoint
 from ..models.config import ModelConfig
-from ..models.sam import build_model
+from ..models.sam import TinySam, build_model
 from .batching import decode_group, initial_groups, normalize_images, refinement_group, resize_targets, upsample
 from .loop import (
     TrainingError,
@@ -31,7 +31,6 @@ from .loop import (
     select_device,
     select_precision,
     set_lr,
-    unwrap,
     wrap_ddp,
 )
 from .losses import prompt_loss
@@ -52,6 +51,14 @@ class SupervisedConfig:
     refine_rounds: int = 1
     refine_fraction: float = 0.5
     loss_size: int = 128  # masks are compared at this resolution (area-averaged targets)
+    # curriculum: the first `warm_steps` run on the world downscaled to `warm_size` (same weights; the
+    # networks are resolution-agnostic), several times cheaper per image, to learn the task quickly
+    warm_steps: int = 0
+    warm_size: int = 128
+    warm_batch_images: int | None = None
+    # world settings of the warm phase, e.g. fewer objects: with one object per image a click's target
+    # is visible from image features alone, which breaks the "predict nothing" plateau of a fresh model
+    warm_world: dict = field(default_factory=dict)
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -68,7 +75,8 @@ class SupervisedConfig:
     def resume_key(self) -> dict:
         """Settings that must match for a resumed run to continue the same trajectory."""
         keys = ("model", "steps", "batch_images", "prompts_per_image", "box_fraction", "background_fraction",
-                "refine_rounds", "refine_fraction", "loss_size", "lr", "warmup", "weight_decay", "seed",
+                "refine_rounds", "refine_fraction", "loss_size", "warm_steps", "warm_size",
+                "warm_batch_images", "warm_world", "lr", "warmup", "weight_decay", "seed",
                 "world_seed", "world")
         return json.loads(json.dumps({k: getattr(self, k) for k in keys}))
 
@@ -84,48 +92,66 @@ def sample_targets(rng: np.random.Generator, sample, k: int, background_fraction
 
 def supervised_step(model, images: torch.Tensor, targets: list[list[np.ndarray]], rng: np.random.Generator,
                     cfg: SupervisedConfig, device: torch.device, precision) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch; `model` may be DDP-wrapped (its forward is the image encoder)."""
-    net = unwrap(model)
+    """Loss of one batch. `model` is an `_EncoderForward` (possibly DDP-wrapped): the whole step runs
+    inside its forward so DDP sees every parameter the loss depends on."""
     size = images.shape[-1]
-    with precision.autocast():
-        embeddings = model(images.to(device))
-    total = torch.zeros((), device=device)
-    stats: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    count = 0
-    for group in initial_groups(rng, targets, cfg.box_fraction, size):
-        for round_ in range(1 + cfg.refine_rounds):
-            g = group.to(device)
-            with precision.autocast():
-                logits, iou = decode_group(net, embeddings, g)
-            loss, s = prompt_loss(upsample(logits.float(), cfg.loss_size), iou.float(),
-                                  resize_targets(g.targets, cfg.loss_size))
-            total = total + loss * len(g)
-            count += len(g)
-            for k, v in s.items():
-                stats[f"{k}{round_}"] = stats.get(f"{k}{round_}", 0.0) + v * len(g)
-                counts[f"{k}{round_}"] = counts.get(f"{k}{round_}", 0) + len(g)
-            if round_ == cfg.refine_rounds:
-                break
-            group = refinement_group(rng, group, logits, iou, cfg.refine_fraction)
-            if group is None:
-                break
-    stats = {k: v / counts[k] for k, v in stats.items()}
-    return total / max(1, count), stats
+    loss_size = min(cfg.loss_size, size)
+
+    def body(net: TinySam, embeddings: torch.Tensor):
+        total = torch.zeros((), device=device)
+        stats: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        count = 0
+        for group in initial_groups(rng, targets, cfg.box_fraction, size):
+            for round_ in range(1 + cfg.refine_rounds):
+                g = group.to(device)
+                with precision.autocast():
+                    logits, iou = decode_group(net, embeddings, g)
+                loss, s = prompt_loss(upsample(logits.float(), loss_size), iou.float(),
+                                      resize_targets(g.targets, loss_size))
+                total = total + loss * len(g)
+                count += len(g)
+                for k, v in s.items():
+                    stats[f"{k}{round_}"] = stats.get(f"{k}{round_}", 0.0) + v * len(g)
+                    counts[f"{k}{round_}"] = counts.get(f"{k}{round_}", 0) + len(g)
+                if round_ == cfg.refine_rounds:
+                    break
+                group = refinement_group(rng, group, logits, iou, cfg.refine_fraction)
+                if group is None:
+                    break
+        return total / max(1, count), {k: v / counts[k] for k, v in stats.items()}
+
+    return model(images.to(device), body, precision)
 
 
 class _EncoderForward(torch.nn.Module):
-    """DDP needs one module whose forward starts the step; the decoder is reached through `.model`."""
+    """The module DDP wraps: its forward runs a whole step (encoder, then `body` with the decoder), so
+    the reducer sees every parameter the loss uses. One TinySam per training input size, all sharing
+    the same parameters (DDP sees each shared parameter once)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, models: dict[int, TinySam]) -> None:
         super().__init__()
-        self.model = model
+        self.models = torch.nn.ModuleDict({str(k): v for k, v in models.items()})
 
-    def forward(self, images):
-        return self.model.encode(images)
+    def forward(self, images, body, precision):
+        net = self.models[str(images.shape[-1])]
+        with precision.autocast():
+            embeddings = net.encode(images)
+        return body(net, embeddings.float())
 
-    def decode(self, *args, **kwargs):
-        return self.model.decode(*args, **kwargs)
+
+def tie_weights(target: TinySam, source: TinySam) -> TinySam:
+    """Make `target` (same architecture, another input size) use `source`'s parameters and persistent
+    buffers, so training either trains both."""
+    persistent = set(source.state_dict())
+    for name, param in source.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        setattr(target.get_submodule(module), leaf, param)
+    for name, buf in source.named_buffers():
+        if name in persistent:
+            module, _, leaf = name.rpartition(".")
+            target.get_submodule(module)._buffers[leaf] = buf
+    return target
 
 
 def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> Path:
@@ -142,8 +168,14 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
     precision = select_precision(device, cfg.amp)
     seed_everything(cfg.seed)
     model = build_model(model_config).to(device).train()
-    wrapper = _EncoderForward(model)
-    ddp = wrap_ddp(wrapper, ctx, device)
+    nets = {model_config.img_size: model}
+    if cfg.warm_steps > 0:
+        if model_config.img_size % cfg.warm_size or cfg.warm_size % 16:
+            raise TrainingError(f"warm_size {cfg.warm_size} must divide the input size {model_config.img_size} "
+                                "and be a multiple of 16")
+        warm_config = replace(model_config, encoder=replace(model_config.encoder, img_size=cfg.warm_size))
+        nets[cfg.warm_size] = tie_weights(build_model(warm_config).to(device).train(), model)
+    ddp = wrap_ddp(_EncoderForward(nets), ctx, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = precision.scaler()
     out = Path(cfg.out_dir)
@@ -156,15 +188,21 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     world = SyntheticWorld(cfg.world_seed, world_cfg)
+    # a different seed: warm-phase scenes are not the main phase's images at another size
+    warm_world = SyntheticWorld(cfg.world_seed + 1, replace(world_cfg, **cfg.warm_world))
     start = time.time()
     bar = progress(cfg.steps, step, "train", ctx.is_main)
     while step < cfg.steps:
         # everything random in a step derives from (seed, step): resuming reproduces the same run
         rng = np.random.default_rng([cfg.seed, step, ctx.rank])
-        indices = ctx.shard(list(range(step * cfg.batch_images * ctx.world_size,
-                                       (step + 1) * cfg.batch_images * ctx.world_size)))
-        samples = world.batch(indices)
-        images = normalize_images([s.image for s in samples], model_config.img_size)
+        first, count = _image_range(cfg, step)
+        indices = ctx.shard(list(range(first * ctx.world_size, (first + count) * ctx.world_size)))
+        warm = step < cfg.warm_steps
+        samples = (warm_world if warm else world).batch(indices)
+        size = cfg.warm_size if warm else model_config.img_size
+        if size != world_cfg.size:
+            samples = [s.resized(size) for s in samples]
+        images = normalize_images([s.image for s in samples], size)
         targets = [sample_targets(rng, s, cfg.prompts_per_image, cfg.background_fraction) for s in samples]
         set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
         loss, stats = supervised_step(ddp, images, targets, rng, cfg, device, precision)
@@ -178,7 +216,7 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
         bar.update(1)
         if ctx.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
             msg = " ".join(f"{k}={v:.3f}" for k, v in stats.items())
-            log(f"step {step}/{cfg.steps} loss={float(loss):.4f} {msg} ({time.time() - start:.0f}s)")
+            log(f"step {step}/{cfg.steps} loss={float(loss.detach()):.4f} {msg} ({time.time() - start:.0f}s)")
         if ctx.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_state(state_path, model=model, optimizer=optimizer, scaler=scaler, step=step,
                        meta=cfg.resume_key())
@@ -189,6 +227,14 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
         save_checkpoint(model, final)
         write_sidecar(final, model_config)
     return final
+
+
+def _image_range(cfg: SupervisedConfig, step: int) -> tuple[int, int]:
+    """First world index and number of images of a step (per process)."""
+    warm_batch = cfg.warm_batch_images or cfg.batch_images
+    if step < cfg.warm_steps:
+        return step * warm_batch, warm_batch
+    return cfg.warm_steps * warm_batch + (step - cfg.warm_steps) * cfg.batch_images, cfg.batch_images
 
 
 def write_sidecar(path: Path, config: ModelConfig) -> Path:

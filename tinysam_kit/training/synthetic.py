@@ -49,6 +49,18 @@ class Sample:
         """(K, 4) x0, y0, x1, y1 of each mask, inclusive pixel extents as SAM's boxes are drawn."""
         return np.array([mask_box(m) for m in self.masks], dtype=np.float32).reshape(-1, 4)
 
+    def resized(self, size: int) -> Sample:
+        """The same scene at another resolution (area-resampled image, masks by pixel coverage ≥ 1/2);
+        objects that vanish are dropped."""
+        if size == self.image.shape[0]:
+            return self
+        image = cv2.resize(self.image, (size, size), interpolation=cv2.INTER_AREA)
+        masks = [cv2.resize(m.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) >= 0.5
+                 for m in self.masks]
+        keep = [i for i, m in enumerate(masks) if m.any()]
+        stack = np.stack([masks[i] for i in keep]) if keep else np.zeros((0, size, size), bool)
+        return Sample(image, stack, [self.kinds[i] for i in keep])
+
     @property
     def background(self) -> np.ndarray:
         return ~self.masks.any(axis=0) if len(self.masks) else np.ones(self.image.shape[:2], bool)

@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
-def masks_to_uncompressed_rle(masks: torch.Tensor) -> list[dict]:
-    """(N, H, W) bool tensor → [{"size": [H, W], "counts": [...]}], runs of 0s first (maybe of length 0)."""
+def masks_to_uncompressed_rle(masks) -> list[dict]:
+    """(N, H, W) bool array or tensor → [{"size": [H, W], "counts": [...]}], runs of 0s first (maybe empty)."""
+    masks = masks.numpy() if hasattr(masks, "numpy") else np.asarray(masks)
     n, h, w = masks.shape
-    if n == 0:
-        return []
-    flat = masks.permute(0, 2, 1).reshape(n, h * w)
-    change = flat[:, 1:] ^ flat[:, :-1]
-    rows, cols = change.nonzero(as_tuple=True)
-    rows, cols = rows.numpy(), cols.numpy() + 1
-    bounds = np.searchsorted(rows, np.arange(n + 1))
-    first = flat[:, 0].numpy()
     out = []
-    total = h * w
-    for i in range(n):
-        idx = cols[bounds[i] : bounds[i + 1]]
-        edges = np.concatenate(([0], idx, [total]))
-        counts = np.diff(edges)
-        if first[i]:
+    for mask in masks:
+        flat = mask.T.ravel()  # column-major order
+        edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        counts = np.diff(np.concatenate(([0], edges, [h * w])))
+        if flat.size and flat[0]:
             counts = np.concatenate(([0], counts))
         out.append({"size": [h, w], "counts": counts.tolist()})
     return out
 
 
 def mask_to_uncompressed_rle(mask: np.ndarray) -> dict:
-    return masks_to_uncompressed_rle(torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None])[0]
+    return masks_to_uncompressed_rle(np.asarray(mask, dtype=bool)[None])[0]
 
 
 def uncompressed_rle_to_mask(rle: dict) -> np.ndarray:

@@ -121,7 +121,7 @@ def mask_to_rle(mask: np.ndarray, value: int = 255) -> list[int]:
         raise RLEError(f"mask must be 2-D (H, W), got shape {arr.shape}")
     if not 0 <= int(value) <= 255:
         raise RLEError(f"value must be in 0..255, got {value}")
-    lengths, vals = runs_of(arr != 0)
+    lengths, vals = runs_of(arr if arr.dtype == bool else arr != 0)
     vals = np.where(vals, np.uint8(value), np.uint8(0))
     return list(encode_runs(lengths * CHANNELS, vals, arr.size * CHANNELS))
 

@@ -1,0 +1,248 @@
+"""Load test of the Label Studio ML backend: N simulated annotators clicking for a fixed time.
+
+Starts (unless --url is given) a local image server standing in for Label Studio's /data/upload and the
+backend itself (`uvicorn --factory tinysam_kit.ml_backend.app:create_app`, a separate process so the load
+generator does not share its GIL), both on 127.0.0.1. Each annotator has its own task image: one warm-up
+click encodes it, then it sends smart-tool clicks (positive keypoint, ± keypoints, rectangles) back to
+back for --duration seconds. Prints click latency p50/p95/p99 as the client sees it, the server's own time
+(Server-Timing header), throughput and errors, for each annotator count.
+
+    python benchmarks/bench_ls_load.py --annotators 1,8 --duration 15 --engine onnx --precision int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="brush" toName="image">'
+          '<Label value="Object"/></BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">'
+          '<Label value="Object"/></KeyPointLabels><RectangleLabels name="rect" toName="image" smart="true">'
+          '<Label value="Object"/></RectangleLabels></View>')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_image(width: int, height: int, seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, width * 3 // 4), rng.integers(0, height * 3 // 4)
+        img[y0:y0 + height // 5, x0:x0 + width // 5] = rng.integers(80, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ImageServer:
+    def __init__(self, images: dict[str, bytes]):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                body = images.get(self.path)
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def random_architecture_checkpoint(folder: Path) -> str:
+    """Full-size TinySAM architecture with random weights: the same speed as the trained model."""
+    import torch
+
+    from tinysam_kit.models.checkpoint import save_checkpoint
+    from tinysam_kit.models.config import TINYSAM_VIT_T
+    from tinysam_kit.models.sam import build_model
+
+    torch.manual_seed(0)
+    path = folder / "tinysam_random.pth"
+    save_checkpoint(build_model(TINYSAM_VIT_T), path)
+    path.with_name(path.name + ".json").write_text(json.dumps({"config": TINYSAM_VIT_T.to_dict()}))
+    return str(path)
+
+
+def start_backend(args, label_studio_url: str, model: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "LABEL_STUDIO_URL": label_studio_url, "TINYSAM_MODEL": model,
+           "TINYSAM_ENGINE": args.engine, "TINYSAM_PRECISION": args.precision, "TINYSAM_DEVICE": args.device}
+    if args.threads:
+        env["TINYSAM_THREADS"] = str(args.threads)
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "tinysam_kit.ml_backend.app:create_app",
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"backend exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("backend did not start within 300 s")
+
+
+def click_body(task_id: int, image: str, width: int, height: int, rng: random.Random) -> dict:
+    def kp(positive):
+        return {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": positive,
+                "original_width": width, "original_height": height,
+                "value": {"x": rng.uniform(5, 95), "y": rng.uniform(5, 95), "width": 0.5, "keypointlabels": ["Object"]}}
+
+    roll = rng.random()
+    if roll < 0.2:
+        x, y = rng.uniform(0, 60), rng.uniform(0, 60)
+        result = [{"type": "rectanglelabels", "from_name": "rect", "to_name": "image", "original_width": width,
+                   "original_height": height, "value": {"x": x, "y": y, "width": rng.uniform(5, 39),
+                                                        "height": rng.uniform(5, 39), "rotation": 0,
+                                                        "rectanglelabels": ["Object"]}}]
+    elif roll < 0.5:
+        result = [kp(True), kp(False)]
+    else:
+        result = [kp(True)]
+    return {"tasks": [{"id": task_id, "data": {"image": image}}], "label_config": CONFIG, "project": "1.1",
+            "params": {"context": {"result": result}}}
+
+
+def run_load(url: str, annotators: int, duration: float, width: int, height: int, auth) -> dict:
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    # one click per task first, so every image is encoded and cached before the timed part
+    with httpx.Client(base_url=url, timeout=300, auth=auth) as client:
+        for n in range(annotators):
+            warm = client.post("/predict", json=click_body(n, f"/data/upload/bench/{n}.png", width, height,
+                                                           random.Random(-n)))
+            if warm.status_code != 200:
+                raise SystemExit(f"warm-up click failed: {warm.status_code}: {warm.text[:300]}")
+
+    def annotator(n: int):
+        rng = random.Random(n)
+        image = f"/data/upload/bench/{n}.png"
+        with httpx.Client(base_url=url, timeout=120, auth=auth) as client:
+            end = time.monotonic() + duration
+            while time.monotonic() < end:
+                body = click_body(n, image, width, height, rng)
+                start = time.perf_counter()
+                try:
+                    resp = client.post("/predict", json=body)
+                    ok = resp.status_code == 200 and resp.json()["results"][0]["result"]
+                except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+                    ok, resp = False, exc
+                elapsed = (time.perf_counter() - start) * 1000
+                with lock:
+                    if ok:
+                        latencies.append(elapsed)
+                        timing = resp.headers.get("server-timing", "")
+                        if "dur=" in timing:
+                            server_ms.append(float(timing.split("dur=")[1].split(",")[0]))
+                    else:
+                        errors.append(str(getattr(resp, "status_code", resp))[:200])
+
+    threads = [threading.Thread(target=annotator, args=(n,)) for n in range(annotators)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    return {"annotators": annotators, "clicks": len(latencies), "errors": len(errors),
+            "clicks_per_s": len(latencies) / max(wall, 1e-9),
+            "p50_ms": pct(latencies, 50), "p95_ms": pct(latencies, 95), "p99_ms": pct(latencies, 99),
+            "server_p50_ms": pct(server_ms, 50), "server_p95_ms": pct(server_ms, 95),
+            "first_errors": errors[:3]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="an already running backend (its LABEL_STUDIO_URL must serve the images: "
+                                      "only useful with --image-base)")
+    parser.add_argument("--annotators", default="1,8", help="comma-separated annotator counts")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of clicking per annotator count")
+    parser.add_argument("--image-size", default="1280x960", help="WIDTHxHEIGHT of the task images")
+    parser.add_argument("--model", default="random", help="'random' (full TinySAM architecture, random weights), "
+                                                         "a registered name or a checkpoint path")
+    parser.add_argument("--engine", default="torch")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON line per run")
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    counts = [int(c) for c in args.annotators.split(",") if c.strip()]
+
+    images = {f"/data/upload/bench/{n}.png": make_image(width, height, n) for n in range(max(counts))}
+    image_server = ImageServer(images)
+    proc = None
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            model = random_architecture_checkpoint(Path(tmp.name)) if args.model == "random" else args.model
+            proc, url = start_backend(args, image_server.url, model)
+        version = httpx.get(url + "/versions", timeout=10).json()["versions"][0]
+        print(f"backend {url}  model_version {version}  images {width}x{height}  duration {args.duration:g}s")
+        print(f"{'annotators':>10} {'clicks':>7} {'errors':>6} {'clicks/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+              f"{'p99 ms':>8} {'server p50':>10} {'server p95':>10}")
+        for n in counts:
+            r = run_load(url, n, args.duration, width, height, None)
+            if args.json:
+                print(json.dumps(r))
+            print(f"{r['annotators']:>10} {r['clicks']:>7} {r['errors']:>6} {r['clicks_per_s']:>8.1f} "
+                  f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['server_p50_ms']:>10.1f} "
+                  f"{r['server_p95_ms']:>10.1f}")
+            for e in r["first_errors"]:
+                print(f"    error: {e}")
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        image_server.close()
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

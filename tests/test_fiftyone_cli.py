@@ -1,0 +1,88 @@
+"""`tinysam fiftyone prelabel` (the README's main job) and `tinysam fiftyone install-plugin`, run as real
+commands against the test session's FiftyOne database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from fiftyone_helpers import PLUGIN_DIR, REPO, fiftyone_env, make_images
+
+FAST = ["--points-per-side", "8", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+
+
+@pytest.fixture(scope="module")
+def env():
+    return {**os.environ, **fiftyone_env()["env"]}
+
+
+def tinysam(env, *args, timeout=600):
+    cmd = [sys.executable, "-m", "tinysam_kit.cli", "fiftyone", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_prelabel_creates_a_persistent_dataset_and_resumes(env, tmp_path, tiny_random_checkpoint):
+    import fiftyone as fo
+
+    images = make_images(tmp_path / "imgs", 3, seed=11)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    name = f"prelabel-{os.getpid()}"
+    try:
+        done = tinysam(env, "prelabel", str(tmp_path / "imgs"), "--dataset", name,
+                       "--model", str(tiny_random_checkpoint), *FAST)
+        assert done.returncode == 0, done.stderr
+        assert "3 added" in done.stdout and "3 sample(s) segmented into 'tinysam'" in done.stdout
+        assert "images/minute" in done.stdout
+        assert "TinySAM → tinysam" in done.stderr  # the progress bar
+        ds = fo.load_dataset(name)
+        assert ds.persistent and len(ds) == 3 and len(ds.exists("tinysam")) == 3
+        assert all(d.mask is not None for s in ds for d in s.tinysam.detections)
+        before = {s.filepath: [d.confidence for d in s.tinysam.detections] for s in ds}
+
+        # A new image in the folder: only it is added and segmented; the first three are left alone.
+        shutil.copy(images[0], tmp_path / "imgs" / "copy.png")
+        again = tinysam(env, "prelabel", str(tmp_path / "imgs"), "--dataset", name,
+                        "--model", str(tiny_random_checkpoint), *FAST)
+        assert again.returncode == 0, again.stderr
+        assert "1 added" in again.stdout and "1 sample(s) segmented" in again.stdout
+        assert "3 already done" in again.stdout
+        ds.reload()
+        assert len(ds) == 4 and len(ds.exists("tinysam")) == 4
+        assert all(before[s.filepath] == [d.confidence for d in s.tinysam.detections]
+                   for s in ds if s.filepath in before)
+
+        changed = tinysam(env, "prelabel", str(tmp_path / "imgs"), "--dataset", name,
+                          "--model", str(tiny_random_checkpoint), "--dense", *FAST)
+        assert changed.returncode == 1 and "different settings" in changed.stderr
+    finally:
+        if fo.dataset_exists(name):
+            fo.delete_dataset(name)
+
+
+def test_prelabel_bad_input(env, tmp_path):
+    missing = tinysam(env, "prelabel", str(tmp_path / "nope"), "--dataset", "x")
+    assert missing.returncode == 2 and "is not a folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = tinysam(env, "prelabel", str(tmp_path / "empty"), "--dataset", "x")
+    assert empty.returncode == 2 and "no images" in empty.stderr
+
+
+def test_install_plugin_links_into_the_plugins_dir(env, tmp_path):
+    first = tinysam(env, "install-plugin", "--plugins-dir", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    link = tmp_path / "@tinysam-kit" / "tinysam"
+    assert link.is_symlink() and link.resolve() == PLUGIN_DIR
+    assert "already installed" in tinysam(env, "install-plugin", "--plugins-dir", str(tmp_path)).stdout
+    copy = tinysam(env, "install-plugin", "--plugins-dir", str(tmp_path), "--copy")
+    assert copy.returncode == 1 and "--force" in copy.stderr
+    forced = tinysam(env, "install-plugin", "--plugins-dir", str(tmp_path), "--copy", "--force")
+    assert forced.returncode == 0 and (link / "fiftyone.yml").is_file() and not link.is_symlink()
+    # FiftyOne itself finds the installed copy.
+    listed = subprocess.run([sys.executable, "-c", "import fiftyone.plugins as p; "
+                             "print([x.name for x in p.list_plugins()])"],
+                            env={**env, "FIFTYONE_PLUGINS_DIR": str(tmp_path)}, capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert "@tinysam-kit/tinysam" in listed.stdout, listed.stderr

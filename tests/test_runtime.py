@@ -1,0 +1,172 @@
+"""PyTorch engine: device/precision selection, threads, and the optimised paths' agreement with the model."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from tinysam_kit.models.registry import load_model_with_info
+from tinysam_kit.runtime import EngineUnavailableError, TorchEngine, create_engine
+from tinysam_kit.runtime.torch_engine import check_precision, cpu_has_native_bf16, fold_batchnorms
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_random_checkpoint):
+    return load_model_with_info(tiny_random_checkpoint, device="cpu")[0]
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_cuda_without_gpu_is_a_one_line_error(tiny_random_checkpoint, engine):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(EngineUnavailableError) as info:
+        create_engine(str(tiny_random_checkpoint), engine=engine, device="cuda")
+    message = str(info.value)
+    assert "\n" not in message and "cuda" in message.lower()
+
+
+def test_precision_rules():
+    cpu = torch.device("cpu")
+    assert check_precision("fp32", cpu) is torch.float32
+    with pytest.raises(EngineUnavailableError, match="fp16 needs a CUDA device"):
+        check_precision("fp16", cpu)
+    with pytest.raises(EngineUnavailableError, match="int8 runs on the onnx engine"):
+        check_precision("int8", cpu)
+    with pytest.raises(EngineUnavailableError, match="lacks"):
+        check_precision("bf16", cpu, flags=frozenset({"avx2", "avx512f"}))
+    assert check_precision("bf16", cpu, flags=frozenset({"amx_bf16"})) is torch.bfloat16
+    assert check_precision("bf16", cpu, flags=frozenset({"avx512_bf16"})) is torch.bfloat16
+    # CUDA half precision is accepted by the rules (the device itself is checked by resolve_device).
+    assert check_precision("fp16", torch.device("cuda")) is torch.float16
+    assert not cpu_has_native_bf16(frozenset())
+
+
+def test_unknown_engine_precision_device(tiny_random_checkpoint):
+    with pytest.raises(EngineUnavailableError, match="unknown engine"):
+        create_engine(str(tiny_random_checkpoint), engine="tensorrt")
+    with pytest.raises(EngineUnavailableError, match="unknown precision"):
+        create_engine(str(tiny_random_checkpoint), precision="int4")
+    with pytest.raises(EngineUnavailableError, match="unsupported device"):
+        create_engine(str(tiny_random_checkpoint), device="mps")
+    with pytest.raises(EngineUnavailableError, match="onnx engine"):
+        create_engine(str(tiny_random_checkpoint), engine="onnx", precision="fp16", device="cpu")
+
+
+def test_threads_are_applied(tiny_model):
+    before = torch.get_num_threads()
+    try:
+        engine = TorchEngine(tiny_model, device="cpu", threads=1)
+        assert engine.threads == 1 and torch.get_num_threads() == 1
+        with pytest.raises(EngineUnavailableError, match="threads"):
+            TorchEngine(tiny_model, device="cpu", threads=-2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_optimised_encoder_matches_model(tiny_model):
+    engine = TorchEngine(tiny_model, device="cpu")
+    assert engine.channels_last and not engine.exact
+    # Folding happens on a copy: the caller's model keeps its BatchNorms.
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_model.image_encoder.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in engine.encoder.modules())
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = tiny_model.encode(x)
+    got = engine.encode(x)
+    assert got.is_contiguous()
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_fold_batchnorms_counts_pairs(tiny_model):
+    import copy
+
+    enc = copy.deepcopy(tiny_model.image_encoder)
+    pairs = sum(1 for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert fold_batchnorms(enc) == pairs > 0
+
+
+def _prompt_sets(size: int, batch: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.rand((batch, 3, 2), generator=g) * size
+    labels = torch.randint(0, 2, (batch, 3), generator=g).float()
+    boxes = torch.sort(torch.rand((batch, 2, 2), generator=g) * size, dim=1).values.reshape(batch, 4)
+    mask = torch.randn((batch, 1, size // 4, size // 4), generator=g) * 8
+    return {
+        "points": (coords, labels, None, None),
+        "points_box": (coords, labels, boxes, None),
+        "box": (None, None, boxes, None),
+        "points_mask": (coords, labels, None, mask),
+        "mask_only": (None, None, None, mask[:1]),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_model_and_embedding(reference_dir, reference_image):
+    from tinysam_kit.models.checkpoint import load_checkpoint
+    from tinysam_kit.operators.predictor import TinySamPredictor
+
+    model = load_checkpoint(reference_dir / "tinysam_random_A.pth")
+    predictor = TinySamPredictor(TorchEngine(model, device="cpu", exact=True))
+    return model, predictor.embed(reference_image).embedding
+
+
+@pytest.mark.parametrize("case", ["points", "points_box", "box", "points_mask", "mask_only"])
+def test_split_decoder_matches_model_decode(reference_model_and_embedding, case):
+    """The per-image/per-prompt split decoder gives the model's answers on the reference checkpoint."""
+    from tinysam_kit.runtime.fast_decoder import DecoderPromptSide
+
+    model, emb = reference_model_and_embedding
+    args = _prompt_sets(1024)[case]
+    with torch.inference_mode():
+        ref_logits, ref_iou = model.decode(emb, *args)
+    engine = TorchEngine(model, device="cpu")
+    # With the model's own transposed convolutions the split is exact to the bit pattern's last place.
+    engine._prompt_side = DecoderPromptSide(model, gemm_upscale=False).eval()
+    logits, iou = engine.decode(emb, *args)
+    assert (logits - ref_logits).abs().max().item() <= 1e-4
+    assert (iou - ref_iou).abs().max().item() <= 1e-5
+    # The default replaces them by GEMMs (another summation order): ≤ 1e-4 plus 1e-6 of the logit scale
+    # (the random reference weights give logits of several hundred).
+    logits, iou = TorchEngine(model, device="cpu").decode(emb, *args)
+    bound = 1e-4 + 1e-6 * ref_logits.abs().max().item()
+    assert (logits - ref_logits).abs().max().item() <= bound
+    assert (iou - ref_iou).abs().max().item() <= 1e-5
+
+
+def test_image_side_cache_follows_embedding_lifetime(tiny_model):
+    engine = TorchEngine(tiny_model, device="cpu")
+    emb = engine.encode(torch.zeros(1, 3, 256, 256))
+    coords, labels = torch.tensor([[[10.0, 20.0]]]), torch.ones(1, 1)
+    engine.decode(emb, coords, labels, None, None)
+    engine.decode(emb, coords, labels, None, None)
+    assert engine.image_side_cache.misses == 1 and engine.image_side_cache.hits == 1
+    assert len(engine.image_side_cache) == 1
+    del emb
+    gc.collect()
+    assert len(engine.image_side_cache) == 0
+
+
+def test_exact_engine_is_the_model_code(tiny_model):
+    engine = TorchEngine(tiny_model, device="cpu", exact=True)
+    assert engine.encoder is engine.model.image_encoder and engine.decoder_mode == "exact"
+    emb = engine.encode(torch.zeros(1, 3, 256, 256))
+    args = _prompt_sets(256)["points_box"]
+    with torch.inference_mode():
+        ref = tiny_model.decode(emb, *args)
+    got = engine.decode(emb, *args)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="no native bf16 matrix units on this CPU")
+def test_bf16_on_cpu_runs_close_to_fp32(tiny_random_checkpoint):
+    fp32 = create_engine(str(tiny_random_checkpoint), device="cpu")
+    bf16 = create_engine(str(tiny_random_checkpoint), device="cpu", precision="bf16")
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    a, b = fp32.encode(x), bf16.encode(x)
+    assert b.dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.float().flatten(), dim=0).item()
+    assert cos > 0.99
+    logits, iou = bf16.decode(b, torch.tensor([[[30.0, 40.0]]]), torch.ones(1, 1), None, None)
+    assert logits.dtype == torch.float32 and logits.shape == (1, 4, 64, 64)

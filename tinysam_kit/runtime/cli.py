@@ -1,0 +1,70 @@
+"""`tinysam export` and `tinysam quantize`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export encoder and decoder to ONNX (checked against PyTorch; cached next to the weights)")
+    p.add_argument("--model", default="auto", help="registered model name or checkpoint path (default: auto)")
+    p.add_argument("--out", help="output directory (default: next to the weights, or the cache if read-only)")
+    p.add_argument("--force", action="store_true", help="export again even if an up-to-date export exists")
+    p.set_defaults(func=cmd_export)
+
+    q = subparsers.add_parser(
+        "quantize", help="int8 post-training quantization of the ONNX export, recipe chosen by measured fidelity")
+    q.add_argument("--model", default="auto", help="registered model name or checkpoint path (default: auto)")
+    q.add_argument("--calibration", required=True, help="directory of calibration images (searched recursively)")
+    q.add_argument("--holdout", help="directory of held-out images for the fidelity report (default: the last "
+                                     "quarter of the calibration images, then not used for calibrating)")
+    q.add_argument("--recipes", default="all",
+                   help="comma-separated recipes to compare: dynamic, dynamic_pc, static_qdq, static_qdq_guarded "
+                        "(default: all)")
+    q.add_argument("--prompts-per-image", type=int, default=32, help="random point prompts per held-out image")
+    q.add_argument("--threads", type=int, default=None, help="CPU threads for the timing and fidelity runs")
+    q.add_argument("--out", help="directory of the fp32 export (default: next to the weights)")
+    q.set_defaults(func=cmd_quantize)
+
+
+def _model(args) -> str:
+    from ..cli import resolve_model_choice
+
+    return resolve_model_choice(args.model)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, ensure_export
+
+    try:
+        directory, stem, manifest = ensure_export(_model(args), directory=args.out, force=args.force, log=print)
+    except ExportError as exc:
+        return _fail(exc)
+    diffs = manifest["parity_vs_torch"]["max_abs_diff"]
+    print(f"{directory}/{stem}.fp32.{{encoder,decoder_image,decoder_prompt}}.onnx  opset {manifest['opset']}  "
+          f"max |Δ| vs torch: embedding {diffs['embedding']:.2g}, logits {diffs['logits_nomask']:.2g}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .export import ExportError, ensure_export
+    from .quantize import QuantizationError, quantize_model, report_summary
+
+    recipes = None if args.recipes == "all" else [r.strip() for r in args.recipes.split(",") if r.strip()]
+    try:
+        directory, stem, _ = ensure_export(_model(args), directory=args.out, log=print)
+        report = quantize_model(directory, stem, calibration=args.calibration, holdout=args.holdout,
+                                recipes=recipes, threads=args.threads, prompts_per_image=args.prompts_per_image)
+    except (ExportError, QuantizationError) as exc:
+        return _fail(exc)
+    print(report_summary(report))
+    if not report["chosen_meets_bounds"]:
+        print("warning: no recipe met the fidelity bounds; the closest one was written", file=sys.stderr)
+    return 0

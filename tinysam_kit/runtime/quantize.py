@@ -1,0 +1,352 @@
+"""int8 post-training quantization of the exported graphs, with a measured choice of recipe.
+
+Encoder recipes compared (ONNX Runtime's quantization tools):
+  dynamic            weight-only int8 MatMul/Gemm, activations quantized at run time; convolutions stay fp32
+  dynamic_pc         the same with per-channel weight scales
+  static_qdq         static QDQ (uint8 activations calibrated on images, int8 per-channel weights) of every
+                     Conv/MatMul/Gemm
+  static_qdq_guarded static QDQ, but products fed by numerically sensitive tensors stay in float: outputs of
+                     Softmax and GELU (long-tailed, as TinySAM's own PTQ notes), and the neck
+The per-prompt decoder graph gets dynamic int8 weight MatMuls (no calibration needed); the once-per-image
+decoder graph stays fp32. `quantize_model` evaluates each candidate on held-out images (embedding cosine,
+mask IoU of int8 vs fp32 over many prompts, encoder time) and publishes the fastest one that meets the
+fidelity bounds, with the full comparison written next to the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .base import EngineUnavailableError
+from .export import PARTS, manifest_name, part_name, read_manifest, stamp_metadata, write_json_atomic
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+COSINE_BOUND = 0.995
+IOU_BOUND = 0.98
+# Chosen by measurement (docs/runtime.md): the fastest recipe meeting both bounds on the demo model.
+DEFAULT_RECIPE = "static_qdq_guarded"
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not run (no calibration images, missing fp32 export, ...)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    static: bool
+    per_channel: bool
+    guarded: bool
+
+
+RECIPES = {r.name: r for r in (
+    Recipe("dynamic", False, False, False),
+    Recipe("dynamic_pc", False, True, False),
+    Recipe("static_qdq", True, True, False),
+    Recipe("static_qdq_guarded", True, True, True),
+)}
+
+
+def calibration_images(directory: str | os.PathLike) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise QuantizationError(f"calibration directory {directory} does not exist")
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise QuantizationError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {directory}")
+    return files
+
+
+def synthetic_images(count: int, size: int = 1024, seed: int = 0) -> list[np.ndarray]:
+    """Project-made scenes (the training world) for calibrating when the user gives no images."""
+    from ..training.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(seed=seed)
+    return [world[i].resized(size).image for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------ graph analysis
+def _sensitive_nodes(model_path: Path) -> list[str]:
+    """Conv/MatMul/Gemm nodes whose activation input is a Softmax or GELU output, plus the neck."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name for i in graph.initializer}
+    passthrough = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"}
+
+    def sensitive(tensor: str, depth: int = 0) -> bool:
+        node = producer.get(tensor)
+        if node is None or depth > 4:
+            return False
+        if node.op_type in ("Softmax", "Gelu", "Erf", "FastGelu"):
+            return True
+        if node.op_type in passthrough or (node.op_type in ("Mul", "Add", "Div") and depth < 3):
+            return any(sensitive(i, depth + 1) for i in node.input if i not in initializers)
+        return False
+
+    excluded = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        if "neck" in node.name or any(sensitive(i) for i in node.input if i not in initializers):
+            excluded.append(node.name)
+    return excluded
+
+
+def _weight_matmuls(model_path: Path) -> list[str]:
+    """MatMul/Gemm nodes with a constant weight (activation × activation products stay float)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    constants |= {out for n in graph.node if n.op_type == "Constant" for out in n.output}
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in constants for i in n.input)]
+
+
+# ------------------------------------------------------------------------------------------ quantization
+class _ImageReader:
+    """Calibration feed: the predictor's own preprocessing of each image."""
+
+    def __init__(self, preprocess, images):
+        self._items = iter(images)
+        self._preprocess = preprocess
+
+    def get_next(self):
+        from ..operators.images import load_image
+
+        item = next(self._items, None)
+        if item is None:
+            return None
+        rgb = item if isinstance(item, np.ndarray) else load_image(item)
+        return {"image": self._preprocess(rgb)[0].numpy()}
+
+    def rewind(self):  # the calibrator reads the data once
+        pass
+
+
+def _preprocessed(src: Path, dst: Path) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    return dst
+
+
+def quantize_encoder(src: Path, dst: Path, recipe: Recipe, preprocess, images) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = _preprocessed(src, Path(tmp) / "prepared.onnx")
+        if not recipe.static:
+            nodes = _weight_matmuls(prepared)
+            quantize_dynamic(str(prepared), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
+                             nodes_to_quantize=nodes, per_channel=recipe.per_channel, weight_type=QuantType.QInt8)
+            return {"quantized_nodes": len(nodes), "excluded_nodes": []}
+        excluded = _sensitive_nodes(prepared) if recipe.guarded else []
+        quantize_static(str(prepared), str(dst), _ImageReader(preprocess, images), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=recipe.per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        return {"excluded_nodes": excluded}
+
+
+def quantize_decoder_prompt(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = _preprocessed(src, Path(tmp) / "prepared.onnx")
+        quantize_dynamic(str(prepared), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
+                         nodes_to_quantize=_weight_matmuls(prepared), weight_type=QuantType.QInt8)
+
+
+# -------------------------------------------------------------------------------------------- fidelity
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU over the last two axes; two empty masks agree perfectly."""
+    inter = np.logical_and(a, b).sum(axis=(-2, -1))
+    union = np.logical_or(a, b).sum(axis=(-2, -1))
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def fidelity(reference, candidate, images, prompts_per_image: int = 32, seed: int = 0) -> dict:
+    """Embedding cosine and mask IoU of `candidate` vs `reference` predictors over images × random points."""
+    from ..operators.images import load_image
+
+    rng = np.random.default_rng(seed)
+    cosines, ious, best_ious = [], [], []
+    for item in images:
+        rgb = item if isinstance(item, np.ndarray) else load_image(item)
+        s_ref, s_cand = reference.embed(rgb), candidate.embed(rgb)
+        e_ref = np.asarray(s_ref.embedding, np.float64).ravel()
+        e_cand = np.asarray(s_cand.embedding, np.float64).ravel()
+        cosines.append(float(e_ref @ e_cand / (np.linalg.norm(e_ref) * np.linalg.norm(e_cand) + 1e-12)))
+        h, w = rgb.shape[:2]
+        pts = rng.uniform((0, 0), (w - 1, h - 1), size=(prompts_per_image, 1, 2))
+        labels = np.ones((prompts_per_image, 1))
+        m_ref, q_ref, _ = reference.predict_batch(pts, labels, image_embedding=s_ref)
+        m_cand, _, _ = candidate.predict_batch(pts, labels, image_embedding=s_cand)
+        iou = _mask_iou(m_ref, m_cand)  # (B, 3)
+        ious.extend(iou.ravel().tolist())
+        best = q_ref.argmax(axis=1)
+        best_ious.extend(iou[np.arange(len(best)), best].tolist())
+        reference.cache.clear()
+        candidate.cache.clear()
+    ious_a = np.array(ious)
+    return {
+        "images": len(cosines), "prompts": len(best_ious),
+        "embedding_cosine_mean": float(np.mean(cosines)), "embedding_cosine_min": float(np.min(cosines)),
+        "mask_iou_mean": float(ious_a.mean()), "mask_iou_p05": float(np.percentile(ious_a, 5)),
+        "best_mask_iou_mean": float(np.mean(best_ious)),
+    }
+
+
+def _encoder_seconds(session, image: np.ndarray, repeats: int = 3) -> float:
+    session.run(None, {"image": image})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {"image": image})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def meets_bounds(fid: dict) -> bool:
+    return fid["embedding_cosine_min"] >= COSINE_BOUND and fid["mask_iou_mean"] >= IOU_BOUND
+
+
+# --------------------------------------------------------------------------------------------- driver
+def quantize_model(directory: str | os.PathLike, stem: str, *, calibration=None, holdout=None,
+                   recipes: list[str] | None = None, threads: int | None = None, prompts_per_image: int = 32,
+                   log=print) -> dict:
+    """Quantize the fp32 export `<directory>/<stem>.fp32.*` and publish the chosen int8 recipe.
+
+    `calibration` is a directory or a list of images (default: synthetic scenes); `holdout` likewise
+    (default: the last quarter of the calibration images, never used for calibrating). Returns the report.
+    """
+    from ..operators.predictor import TinySamPredictor
+    from .onnx_engine import OnnxEngine, get_session
+
+    directory = Path(directory)
+    fp32 = read_manifest(directory, stem, "fp32")
+    if fp32 is None:
+        raise QuantizationError(f"no fp32 ONNX export of {stem!r} in {directory}: run `tinysam export` first")
+    names = recipes or list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise QuantizationError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)})")
+    if calibration is None:
+        images = synthetic_images(12, fp32["img_size"])
+        source = "synthetic scenes (tinysam_kit.training.synthetic, seed 0)"
+    elif isinstance(calibration, (str, os.PathLike)):
+        images, source = calibration_images(calibration), str(calibration)
+    else:
+        images, source = list(calibration), "images given in code"
+    if holdout is None:
+        if len(images) < 2:
+            raise QuantizationError("need at least 2 calibration images (one is held out to measure fidelity)")
+        cut = max(1, len(images) * 3 // 4)
+        calib, held = images[:cut], images[cut:]
+    else:
+        calib = images
+        held = calibration_images(holdout) if isinstance(holdout, (str, os.PathLike)) else list(holdout)
+    reference = TinySamPredictor(OnnxEngine(directory, stem, precision="fp32", device="cpu", threads=threads))
+    sample = reference.preprocess(held[0] if isinstance(held[0], np.ndarray) else _load(held[0]))[0].numpy()
+    fp32_seconds = _encoder_seconds(get_session(directory / part_name(stem, "fp32", "encoder"),
+                                                ["CPUExecutionProvider"], threads), sample)
+    report = {"model_stem": stem, "source_model": fp32["source_model"], "source_sha256": fp32["source_sha256"],
+              "calibration": {"source": source, "images": len(calib), "held_out_images": len(held)},
+              "bounds": {"embedding_cosine_min": COSINE_BOUND, "mask_iou_mean": IOU_BOUND},
+              "fp32_encoder_seconds": fp32_seconds, "threads": threads, "candidates": {}}
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".quantize-") as tmp:
+        tmp = Path(tmp)
+        work = {part: tmp / part_name(stem, "int8", part) for part in PARTS}
+        quantize_decoder_prompt(directory / part_name(stem, "fp32", "decoder_prompt"), work["decoder_prompt"])
+        shutil.copy2(directory / part_name(stem, "fp32", "decoder_image"), work["decoder_image"])
+        best = None
+        for name in names:
+            recipe = RECIPES[name]
+            log(f"quantizing encoder with recipe {name} ...")
+            cand_dir = tmp / name
+            cand_dir.mkdir()
+            t0 = time.perf_counter()
+            info = quantize_encoder(directory / part_name(stem, "fp32", "encoder"),
+                                    cand_dir / part_name(stem, "int8", "encoder"), recipe, reference.preprocess,
+                                    calib)
+            for part in ("decoder_image", "decoder_prompt"):
+                os.link(work[part], cand_dir / part_name(stem, "int8", part))
+            write_json_atomic(cand_dir / manifest_name(stem, "int8"), {**fp32, "precision": "int8"})
+            candidate = TinySamPredictor(OnnxEngine(cand_dir, stem, precision="int8", device="cpu",
+                                                    threads=threads))
+            fid = fidelity(reference, candidate, held, prompts_per_image)
+            seconds = _encoder_seconds(candidate.engine.encoder, sample)
+            entry = {"recipe": asdict(recipe), "encoder_seconds": seconds,
+                     "encoder_ratio_vs_fp32": seconds / fp32_seconds, "fidelity": fid,
+                     "meets_bounds": meets_bounds(fid), "quantize_seconds": time.perf_counter() - t0,
+                     "excluded_nodes": len(info["excluded_nodes"])}
+            report["candidates"][name] = entry
+            log(f"  {name}: encoder {seconds:.3f}s ({entry['encoder_ratio_vs_fp32']:.2f}× fp32), "
+                f"cosine min {fid['embedding_cosine_min']:.4f}, mask IoU mean {fid['mask_iou_mean']:.4f}")
+            key = (entry["meets_bounds"], -seconds if entry["meets_bounds"] else fid["mask_iou_mean"])
+            if best is None or key > best[0]:
+                best = (key, name)
+        chosen = best[1]
+        report["chosen"] = chosen
+        report["chosen_meets_bounds"] = report["candidates"][chosen]["meets_bounds"]
+        final = {}
+        for part in PARTS:
+            src = tmp / chosen / part_name(stem, "int8", part)
+            stamp_metadata(src, {"source_model": fp32["source_model"], "source_sha256": fp32["source_sha256"] or "",
+                                 "precision": "int8", "opset": str(fp32["opset"]), "part": part,
+                                 "recipe": chosen if part == "encoder" else
+                                 ("dynamic" if part == "decoder_prompt" else "fp32")})
+            final[part] = directory / src.name
+            os.replace(src, final[part])
+        report_path = directory / f"{stem}.int8.quantization.json"
+        write_json_atomic(report_path, report)
+        write_json_atomic(directory / manifest_name(stem, "int8"),
+                          {**fp32, "precision": "int8", "recipe": chosen, "fidelity_report": report_path.name,
+                           "fidelity": report["candidates"][chosen]["fidelity"]})
+    log(f"int8 recipe {chosen} written to {directory} (report {report_path.name})")
+    return report
+
+
+def _load(path):
+    from ..operators.images import load_image
+
+    return load_image(path)
+
+
+def ensure_int8(directory: Path, stem: str, log=None) -> None:
+    """Make the int8 export exist and match the fp32 one; calibrates on synthetic scenes when none is given
+    (run `tinysam quantize --calibration DIR` with your own images for a better calibration)."""
+    fp32 = read_manifest(directory, stem, "fp32")
+    int8 = read_manifest(directory, stem, "int8")
+    if int8 is not None and fp32 is not None and int8.get("source_sha256") == fp32.get("source_sha256") \
+            and int8.get("format") == fp32.get("format"):
+        return
+    if not os.access(directory, os.W_OK):
+        raise EngineUnavailableError(f"no int8 export of {stem!r} in read-only {directory}; run tinysam quantize")
+    quantize_model(directory, stem, recipes=[DEFAULT_RECIPE], prompts_per_image=8, log=log or (lambda _m: None))
+
+
+def report_summary(report: dict) -> str:
+    lines = [f"fp32 encoder: {report['fp32_encoder_seconds']:.3f}s"]
+    for name, c in report["candidates"].items():
+        f = c["fidelity"]
+        mark = "*" if name == report["chosen"] else " "
+        lines.append(f"{mark} {name:20s} encoder {c['encoder_seconds']:.3f}s ({c['encoder_ratio_vs_fp32']:.2f}×)  "
+                     f"cosine min {f['embedding_cosine_min']:.4f}  mask IoU mean {f['mask_iou_mean']:.4f} "
+                     f"p05 {f['mask_iou_p05']:.3f}  {'ok' if c['meets_bounds'] else 'below bounds'}")
+    return "\n".join(lines)
+
+
+def dumps(report: dict) -> str:
+    return json.dumps(report, indent=2, sort_keys=True)
