@@ -21,11 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -77,16 +75,23 @@ class ImageServer:
         self.server.server_close()
 
 
-def random_architecture_checkpoint(folder: Path) -> str:
-    """Full-size TinySAM architecture with random weights: the same speed as the trained model."""
+def random_architecture_checkpoint() -> str:
+    """Full-size TinySAM architecture with random weights: the same speed as the trained model.
+
+    Kept in the weights cache so the ONNX export / int8 quantization of it is reused by later runs.
+    """
     import torch
 
     from tinysam_kit.models.checkpoint import save_checkpoint
     from tinysam_kit.models.config import TINYSAM_VIT_T
+    from tinysam_kit.models.registry import cache_dir
     from tinysam_kit.models.sam import build_model
 
+    path = cache_dir() / "bench" / "tinysam_random.pth"
+    if path.is_file():
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    path = folder / "tinysam_random.pth"
     save_checkpoint(build_model(TINYSAM_VIT_T), path)
     path.with_name(path.name + ".json").write_text(json.dumps({"config": TINYSAM_VIT_T.to_dict()}))
     return str(path)
@@ -102,7 +107,7 @@ def start_backend(args, label_studio_url: str, model: str) -> tuple[subprocess.P
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                             env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    deadline = time.time() + args.startup_timeout  # the first int8 run exports and quantizes the model
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"backend exited with code {proc.returncode}")
@@ -111,8 +116,9 @@ def start_backend(args, label_studio_url: str, model: str) -> tuple[subprocess.P
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("backend did not start within 300 s")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    raise SystemExit(f"backend did not start within {args.startup_timeout:g} s")
 
 
 def click_body(task_id: int, image: str, width: int, height: int, rng: random.Random) -> dict:
@@ -191,6 +197,23 @@ def run_load(url: str, annotators: int, duration: float, width: int, height: int
             "first_errors": errors[:3]}
 
 
+def rle_timing(repeats: int = 5) -> tuple[float, float]:
+    """Median ms to encode / decode a 12-megapixel (4000×3000) mask in Label Studio's brush RLE."""
+    from tinysam_kit.operators.encodings.labelstudio import mask_to_rle, rle_to_mask
+
+    yy, xx = np.ogrid[:3000, :4000]
+    mask = ((yy - 1500) ** 2 + (xx - 2000) ** 2 < 1000**2) | ((yy // 300 + xx // 400) % 2 == 0)
+    enc, dec = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rle = mask_to_rle(mask)
+        enc.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        rle_to_mask(rle, 3000, 4000)
+        dec.append((time.perf_counter() - t) * 1000)
+    return float(np.median(enc)), float(np.median(dec))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="an already running backend (its LABEL_STUDIO_URL must serve the images: "
@@ -204,20 +227,25 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for the backend")
     parser.add_argument("--json", action="store_true", help="print one JSON line per run")
+    parser.add_argument("--rle-only", action="store_true", help="only time the brush RLE on a 12-MP mask")
     args = parser.parse_args(argv)
+    enc_ms, dec_ms = rle_timing()
+    print(f"brush RLE, 12-MP mask: encode {enc_ms:.1f} ms, decode {dec_ms:.1f} ms (median of 5)")
+    if args.rle_only:
+        return 0
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     counts = [int(c) for c in args.annotators.split(",") if c.strip()]
 
     images = {f"/data/upload/bench/{n}.png": make_image(width, height, n) for n in range(max(counts))}
     image_server = ImageServer(images)
     proc = None
-    tmp = tempfile.TemporaryDirectory()
     try:
         if args.url:
             url = args.url.rstrip("/")
         else:
-            model = random_architecture_checkpoint(Path(tmp.name)) if args.model == "random" else args.model
+            model = random_architecture_checkpoint() if args.model == "random" else args.model
             proc, url = start_backend(args, image_server.url, model)
         version = httpx.get(url + "/versions", timeout=10).json()["versions"][0]
         print(f"backend {url}  model_version {version}  images {width}x{height}  duration {args.duration:g}s")
@@ -240,7 +268,6 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         image_server.close()
-        tmp.cleanup()
     return 0
 
 

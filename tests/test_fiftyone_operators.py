@@ -302,4 +302,57 @@ def test_long_operators_default_to_delegation(fo, dataset):
         op = get_operator(f"{PLUGIN_URI}/{name}")
         assert op.config.allow_delegated_execution and op.config.default_choice_to_delegated
         assert op.config.allow_immediate_execution
-    assert not get_operator(f"{PLUGIN_URI}/segment_selected_labels").config.allow_delegated_execution
+    interactive = get_operator(f"{PLUGIN_URI}/segment_selected_labels").config
+    assert interactive.allow_immediate_execution and not interactive.default_choice_to_delegated
+
+
+def test_prompt_operators_run_delegated_too(fo, dataset, tiny_random_checkpoint):
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    add_prompts(fo, dataset)
+    sample = dataset.first()
+    params = {"model": str(tiny_random_checkpoint), "box_field": "gt", "label_field": "dmasks"}
+    assert run("segment_with_prompts", dataset, params, request_delegation=True).delegated
+    selected = [{"label_id": sample.gt.detections[0].id, "sample_id": sample.id, "field": "gt"}]
+    assert run("segment_selected_labels", dataset, {"model": str(tiny_random_checkpoint), "label_field": "dsel"},
+               selected_labels=selected, request_delegation=True).delegated
+    results = DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    assert len(results) == 2 and all(r.error is None for r in results), [r.error for r in results]
+    assert len(dataset.exists("dmasks")) == 4
+    sample.reload()
+    assert [d.prompt_id for d in sample.dsel.detections] == [sample.gt.detections[0].id]
+    assert [d.get_mask().tobytes() for d in sample.dsel.detections] == \
+        [sample.dmasks.detections[0].get_mask().tobytes()]
+
+
+# ------------------------------------------------------------------------------------------ quality
+def test_demo_model_masks_fit_the_objects(fo, tmp_path):
+    """With the trained demo model, a box around an object gives that object's mask."""
+    from fiftyone_helpers import demo_model_available
+    from PIL import Image
+
+    if not demo_model_available():
+        pytest.skip("the bundled demo model is not present yet")
+    rng = np.random.default_rng(1)
+    img = rng.normal(100, 8, (240, 320, 3)).clip(0, 255).astype(np.uint8)
+    truth = np.zeros((240, 320), dtype=bool)
+    truth[60:160, 90:230] = True
+    img[truth] = (230, 60, 40)
+    Image.fromarray(img).save(tmp_path / "rect.png")
+    ds = fo.Dataset()
+    try:
+        ds.add_sample(fo.Sample(filepath=str(tmp_path / "rect.png"),
+                                gt=fo.Detections(detections=[fo.Detection(
+                                    label="rect", bounding_box=[85 / 320, 55 / 240, 150 / 320, 110 / 240])])))
+        result = run("segment_with_prompts", ds, {"model": "demo", "box_field": "gt", "label_field": "m"})
+        assert result.error is None, result.error
+        mask = full_mask(ds.first().m.detections[0], 320, 240)
+        iou = (mask & truth).sum() / (mask | truth).sum()
+        assert iou > 0.8, f"box prompt IoU {iou:.2f}"
+        result = run("segment_everything", ds, {"model": "demo", "label_field": "auto"})
+        assert result.error is None, result.error
+        best = max(((full_mask(d, 320, 240) & truth).sum() / (full_mask(d, 320, 240) | truth).sum())
+                   for d in ds.first().auto.detections)
+        assert best > 0.8, f"best everything-mode IoU {best:.2f}"
+    finally:
+        ds.delete()

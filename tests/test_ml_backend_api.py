@@ -400,3 +400,45 @@ def test_serve_ls_refuses_bad_settings(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("BASIC_AUTH_USER")
     assert args.func(args) == 2  # the model file does not exist: a one-line error, no traceback
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_setup_hostname_is_used_only_without_label_studio_url(tiny_random_checkpoint):
+    from tinysam_kit.ml_backend.backend import BadRequest, TinySamBackend
+
+    png = encode_image(IMAGE)
+    with FakeLabelStudio({"/data/upload/1/a.png": png}, legacy_token="creator-token") as ls:
+        backend = TinySamBackend(BackendSettings.from_env({}, model=str(tiny_random_checkpoint)))
+        body = predict_body([keypoint(30, 40)])
+        with pytest.raises(BadRequest, match="LABEL_STUDIO_URL"):
+            backend.predict(body["tasks"], CONFIG, body["params"]["context"])
+        backend.setup(CONFIG, ls.url, "creator-token")
+        assert backend.predict(body["tasks"], CONFIG, body["params"]["context"])["results"][0]["result"]
+        backend.close()
+        pinned = TinySamBackend(BackendSettings.from_env({}, model=str(tiny_random_checkpoint),
+                                                         label_studio_url="http://127.0.0.1:9"))
+        pinned.setup(CONFIG, ls.url, "creator-token")
+        assert pinned.fetcher.label_studio_url == "http://127.0.0.1:9"
+        pinned.close()
+
+
+# ------------------------------------------------------------ mask quality
+def test_demo_model_segments_the_clicked_object(ls_server):
+    """With the trained demo model (when bundled), a box or a click on a solid shape gives that shape."""
+    from fastapi.testclient import TestClient
+
+    try:
+        from tinysam_kit.models.registry import MODELS, resolve_weights
+
+        resolve_weights("demo", download=False)
+    except Exception as exc:  # noqa: BLE001 - absent or unusable: nothing to assert about quality
+        pytest.skip(f"demo model not available ({exc})")
+    assert "demo" in MODELS
+    settings = BackendSettings.from_env({}, model="demo", label_studio_url=ls_server.url, label_studio_api_key=TOKEN)
+    truth = np.zeros((120, 160), bool)
+    truth[30:60, 40:80] = True  # the red rectangle of synthetic_image(160, 120)
+    with TestClient(create_app(settings)) as c:
+        for context in ([rectangle(23, 23, 54, 31)], [keypoint(37.5, 37.5)]):
+            region = c.post("/predict", json=predict_body(context)).json()["results"][0]["result"][0]
+            mask = rle_to_mask(region["value"]["rle"], 120, 160)
+            iou = (mask & truth).sum() / max((mask | truth).sum(), 1)
+            assert iou > 0.7, (context[0]["type"], iou)

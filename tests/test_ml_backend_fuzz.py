@@ -171,6 +171,15 @@ def test_fuzz_never_500_never_dead(server):
                 failures.append((path, resp.status_code, resp.text[:300], content[:300] if content else None))
             if i % 50 == 0:
                 assert client.get("/health").status_code == 200, "server died"
+        # huge inputs: many context regions, a body over the size limit, deep nesting
+        huge = {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}], "label_config": GOOD_CONFIG,
+                "params": {"context": {"result": [context_region(random.Random(1))] * 5000}}}
+        assert client.post("/predict", json=huge).status_code == 413
+        big = b'{"tasks": [{"data": {"image": "' + b"a" * (5 * 1024 * 1024) + b'"}}]}'
+        assert client.post("/predict", content=big, headers={"content-type": "application/json"}).status_code == 413
+        deep = b'{"tasks": [' + b"[" * 5000 + b"]" * 5000 + b"]}"
+        resp = client.post("/predict", content=deep, headers={"content-type": "application/json"})
+        assert resp.status_code in (400, 422) and resp.json()["detail"]
         assert client.get("/health").status_code == 200
         assert not failures, failures[:5]
         # the generator reached both the happy path and the error paths

@@ -176,22 +176,26 @@ def parse_context(context: Any, config: LabelConfig, max_regions: int) -> Prompt
                 raise BadRequest(f"{where}: rectangle width and height must be >= 0, got {bw:g}×{bh:g}")
             rotation = value.get("rotation", 0) or 0
             rotation = _number(rotation, f"{where}.value.rotation")
-            prompt.box = _rectangle_bounds(x, y, bw, bh, rotation)
+            prompt.box = _rectangle_bounds(x, y, bw, bh, rotation, prompt.original_size)
             prompt.label = _first_label(value, "rectanglelabels", "labels") or prompt.label
     return prompt
 
 
-def _rectangle_bounds(x: float, y: float, w: float, h: float, rotation: float):
-    """Axis-aligned bounds (percent) of Label Studio's rectangle, rotated about its top-left corner."""
+def _rectangle_bounds(x: float, y: float, w: float, h: float, rotation: float, size: tuple[int, int] | None):
+    """Axis-aligned bounds (percent) of Label Studio's rectangle, rotated clockwise about its top-left corner.
+
+    Rotation happens in pixels, so a non-square image is rotated in pixel units when its size is known.
+    """
     if rotation % 360 == 0:
         corners = np.array([[x, y], [x + w, y + h]])
     else:
-        # Rotation happens in pixel space; percentages of a non-square image differ per axis, but the
-        # bounding box of a rotated rectangle is only used as a box prompt, so the approximation holds.
+        sx, sy = (size[0] / 100.0, size[1] / 100.0) if size else (1.0, 1.0)
         t = math.radians(rotation)
-        dx = np.array([0, w, w, 0])
-        dy = np.array([0, 0, h, h])
-        corners = np.stack([x + dx * math.cos(t) - dy * math.sin(t), y + dx * math.sin(t) + dy * math.cos(t)], 1)
+        dx = np.array([0, w, w, 0]) * sx
+        dy = np.array([0, 0, h, h]) * sy
+        px = x * sx + dx * math.cos(t) - dy * math.sin(t)
+        py = y * sy + dx * math.sin(t) + dy * math.cos(t)
+        corners = np.stack([px / sx, py / sy], 1)
     x0, y0 = np.clip(corners.min(0), 0, 100)
     x1, y1 = np.clip(corners.max(0), 0, 100)
     return float(x0), float(y0), float(x1), float(y1)
@@ -228,12 +232,11 @@ def brush_region(mask: np.ndarray, control: Control, image_name: str, label: str
     }
 
 
-def segment(predictor: TinySamPredictor, state: ImageEmbedding, points_px, labels, box_px):
-    """The mask TinySAM gives for one smart-tool prompt, and its predicted IoU.
+def decode_prompt(predictor: TinySamPredictor, state: ImageEmbedding, points_px, labels, box_px):
+    """Low-resolution logits (1, s, s) of TinySAM's answer to one smart-tool prompt, and its predicted IoU.
 
     A single click is ambiguous (part or whole?), so the best of the three multimask outputs is used;
     several clicks or a box pin the object down, where SAM's single-mask output is the better answer.
-    Only the chosen mask is upsampled to full resolution: on a 12-MP photo that is most of a click's cost.
     """
     single_click = box_px is None and len(points_px) == 1
     coords, point_labels, boxes, _ = predictor.prepare_prompts(
@@ -245,8 +248,19 @@ def segment(predictor: TinySamPredictor, state: ImageEmbedding, points_px, label
     tokens = slice(1, None) if single_click else slice(0, 1)
     low_res, iou = low_res[0, tokens], iou[0, tokens]
     best = int(torch.argmax(iou))
-    logits = predictor.upsample_logits(low_res[best:best + 1], state)[0]
-    return (logits > predictor.engine_threshold).numpy(), float(iou[best])
+    return low_res[best:best + 1], float(iou[best])
+
+
+def full_mask(predictor: TinySamPredictor, state: ImageEmbedding, low_res: torch.Tensor) -> np.ndarray:
+    """Upsample only the chosen mask: on a 12-MP photo that is most of a click's cost, and it needs no
+    model, so it runs outside the model gate, in parallel with other annotators' decoder calls."""
+    return (predictor.upsample_logits(low_res, state)[0] > predictor.engine_threshold).numpy()
+
+
+def segment(predictor: TinySamPredictor, state: ImageEmbedding, points_px, labels, box_px):
+    """Full-resolution mask and predicted IoU for one smart-tool prompt (what a click is answered with)."""
+    low_res, score = decode_prompt(predictor, state, points_px, labels, box_px)
+    return full_mask(predictor, state, low_res), score
 
 
 def prompt_to_pixels(prompt: Prompt, height: int, width: int):
@@ -301,11 +315,13 @@ class TinySamBackend:
             except LabelConfigError as exc:
                 raise BadRequest(str(exc)) from exc
         if not self.settings.label_studio_url and hostname:
-            if not str(hostname).startswith(("http://", "https://")):
+            # No LABEL_STUDIO_URL: trust Label Studio's own idea of its URL and the creator's token.
+            if not isinstance(hostname, str) or not hostname.startswith(("http://", "https://")):
                 raise BadRequest(f"hostname must be an http(s) URL, got {hostname!r}")
-            if hostname.rstrip("/") != self.fetcher.label_studio_url or (
-                    access_token and self.fetcher.auth is not None and self.fetcher.auth.api_key != access_token):
-                self.fetcher.configure(hostname, self.settings.label_studio_api_key or access_token or "")
+            key = self.settings.label_studio_api_key or access_token or ""
+            current_key = self.fetcher.auth.api_key if self.fetcher.auth is not None else None
+            if hostname.rstrip("/") != self.fetcher.label_studio_url or key != current_key:
+                self.fetcher.configure(hostname, key)
         return {"model_version": self.model_version}
 
     # ----------------------------------------------------------------- images
@@ -382,10 +398,10 @@ class TinySamBackend:
         points, labels, box = prompt_to_pixels(prompt, height, width)
         try:
             with self.gate.hold(True):
-                mask, score = segment(self.predictor, state, points, labels, box)
+                low_res, score = decode_prompt(self.predictor, state, points, labels, box)
         except PromptError as exc:
             raise BadRequest(str(exc)) from exc
-        mask = fit_to(mask, prompt.original_size)
+        mask = fit_to(full_mask(self.predictor, state, low_res), prompt.original_size)
         label = choose_label(control, prompt.label)
         region = brush_region(mask, control, prompt.image_name, label, score)
         self.counters["interactive"] += 1

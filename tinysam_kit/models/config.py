@@ -89,3 +89,12 @@ SAM_VIT_L = ModelConfig(
 SAM_VIT_H = ModelConfig(
     encoder=ViTConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31))
 )
+
+# The bundled `demo` model (trained by tinysam_kit/training/demo.py): a small TinyViT at 256-px input.
+# Its decoder heads (4) cannot be read off the weights, so this config is what loads it.
+DEMO = ModelConfig(
+    encoder=TinyViTConfig(img_size=256, embed_dims=(16, 48, 96, 128), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
+                          window_sizes=(7, 8, 8, 8), mbconv_expand_ratio=2.0, num_classes=0),
+    decoder=DecoderConfig(prompt_embed_dim=128, transformer_depth=2, transformer_heads=4, transformer_mlp_dim=512,
+                          iou_head_hidden_dim=128, mask_in_chans=16),
+)

@@ -279,6 +279,7 @@ class EverythingGenerator:
                 cx0, cy0, cx1, cy1 = crop_box
                 crop_state = self.predictor.embed(np.ascontiguousarray(image[cy0:cy1, cx0:cx1]), cache=False)
             found = self._process_points(crop_state, build_point_grid(n_side), None, crop_box, (h, w))
+            self.stats["candidates"] += len(found)
             if len(found):
                 boxes, iou, _, _ = found.tensors()
                 found = found.subset(single_class_nms(boxes.float(), iou, p.box_nms_thresh))
@@ -306,7 +307,7 @@ class EverythingGenerator:
         state = image_embedding
         p = self.params
         h, w = state.original_size
-        self.stats = {"mode": self.mode, "prompts_decoded": 0}
+        self.stats = {"mode": self.mode, "prompts_decoded": 0, "candidates": 0}
         if self.mode == "dense":
             cands = self._dense(image, state)
         else:
@@ -318,7 +319,7 @@ class EverythingGenerator:
             # The official code crashes when stage 1 covers every stage-2 proposal; stage 1 alone is the answer.
             cands = self._process_points(state, extra, None) if len(extra) else Candidates()
             cands.extend(stage1)
-        self.stats["candidates"] = len(cands)
+            self.stats["candidates"] = len(cands)
         records = self._records(cands, state, dense=self.mode == "dense")
         self.stats["records"] = len(records)
         self.stats["seconds"] = time.perf_counter() - t0

@@ -231,7 +231,8 @@ class SegmentSelectedLabels(foo.Operator):
         return foo.OperatorConfig(
             name="segment_selected_labels", label="TinySAM: Segment selected labels",
             description="Masks for the boxes / keypoints selected in the App (embedding cached per image)",
-            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=False, icon="touch_app")
+            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
+            default_choice_to_delegated=False, icon="touch_app")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -309,8 +310,9 @@ class SegmentSelectedLabels(foo.Operator):
         message = f"{written} mask(s) written to '{field}' on {len(by_sample)} sample(s)"
         if ignored:
             message += f"; {ignored} selected label(s) ignored (not boxes/keypoints)"
-        ctx.ops.notify(message, variant="success")
-        ctx.ops.reload_samples()
+        if not ctx.delegated:
+            ctx.ops.notify(message, variant="success")
+            ctx.ops.reload_samples()
         return {"message": message, "masks": written, "samples": len(by_sample)}
 
     def resolve_output(self, ctx):

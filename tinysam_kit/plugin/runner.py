@@ -146,6 +146,9 @@ def validate_spec(samples, spec: RunSpec) -> None:
     if spec.task not in TASKS:
         raise RunError(f"task must be one of {', '.join(TASKS)}, got {spec.task!r}")
     check_image_collection(samples)
+    if getattr(samples, "_is_generated", False):
+        raise RunError("patches, frames and clips views cannot receive masks; run on the dataset or a "
+                       "filtered view of its samples")
     check_field_name(spec.label_field, "output field")
     schema = samples._dataset.get_field_schema()
     outputs = [spec.label_field] + ([spec.instance_map_field] if spec.instance_map_field else [])
@@ -307,11 +310,12 @@ def _sample_mask_dir(spec: RunSpec, sample_id: str) -> str | None:
 
 
 def _prompt_values(samples, spec: RunSpec, ids: list[str], chunk: int = 64) -> Iterator[tuple]:
-    """(box label, keypoints label) per id, fetched from the database a chunk at a time."""
+    """(box label, keypoints label) per id, fetched from the database a chunk at a time (through the
+    target view, so label filters the user applied also filter the prompts)."""
     fields = [f for f in (spec.box_field, spec.point_field) if f]
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
-        view = samples._dataset.select(part, ordered=True)
+        view = samples.select(part, ordered=True)
         values = [view.values(f) for f in fields]
         for row in zip(*values):
             by_name = dict(zip(fields, row))
@@ -361,10 +365,12 @@ def run_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None 
         writer.flush()
         if summary.status == "running":
             summary.status = "completed" if not summary.errors else "completed_with_errors"
-    except BaseException:
-        summary.status = "failed"
-        writer.labels.clear()
-        writer.instances.clear()
+    except BaseException as exc:
+        summary.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        try:
+            writer.flush()  # the buffered samples are complete: keep them for the resume
+        except Exception:  # noqa: BLE001 - the original error matters more than a failed final write
+            pass
         raise
     finally:
         summary.seconds = time.perf_counter() - t0

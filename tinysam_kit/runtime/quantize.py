@@ -16,6 +16,7 @@ fidelity bounds, with the full comparison written next to the files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -134,14 +135,36 @@ class _ImageReader:
 
 
 def _preprocessed(src: Path, dst: Path) -> Path:
+    """Shape-inferred copy whose Constant nodes are initializers (the quantizers only quantize weights and
+    biases held as initializers)."""
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    proto = onnx.load(str(src))
+    graph = proto.graph
+    keep = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and len(node.attribute) == 1:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    staged = dst.with_name("staged.onnx")
+    onnx.save(proto, str(staged))
+    # No graph optimisation here: it fuses MatMul+Add into Gemm, which dynamic quantization leaves in float.
+    quant_pre_process(str(staged), str(dst), skip_optimization=True, skip_symbolic_shape=True)
     return dst
 
 
 def quantize_encoder(src: Path, dst: Path, recipe: Recipe, preprocess, images) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs a warning per float-kept bias
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = _preprocessed(src, Path(tmp) / "prepared.onnx")

@@ -60,7 +60,33 @@ def _train_teacher(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    import json
+
+    from ..operators.predictor import TinySamPredictor
+    from .evaluate import evaluate_everything, evaluate_prompts, held_out_indices
+    from .synthetic import SyntheticWorld, WorldConfig
+
+    predictor = TinySamPredictor.from_pretrained(args.model, device=args.device)
+    world = SyntheticWorld(args.world_seed, WorldConfig(size=predictor.img_size))
+    result = evaluate_prompts(predictor, world, held_out_indices(args.images)).summary()
+    if args.everything:
+        result["everything"] = evaluate_everything(predictor, world, held_out_indices(args.everything, start=100))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def register(subparsers) -> None:
+    e = subparsers.add_parser("evaluate-synthetic", help="mask quality of a model on held-out synthetic images",
+                              description="One centre click, one random click and the box of every object on "
+                                          "held-out synthetic-world images; optionally everything-mode recall.")
+    e.add_argument("--model", default="demo", help="registered name or checkpoint path")
+    e.add_argument("--images", type=int, default=16)
+    e.add_argument("--everything", type=int, default=0, help="also run everything mode on this many images")
+    e.add_argument("--world-seed", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_evaluate)
+
     d = subparsers.add_parser(
         "distill", help="distil a SAM-family teacher into a smaller student (decoupled or full-stage)",
         description="Knowledge distillation of a teacher (SAM ViT-B/L/H, TinySAM, or any checkpoint the "

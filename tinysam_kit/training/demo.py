@@ -12,26 +12,21 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from ..models.config import DecoderConfig, ModelConfig, TinyViTConfig
+from ..models.config import DEMO, ModelConfig
 from .supervised import SupervisedConfig, train_supervised, write_sidecar
 
-DEMO_MODEL = ModelConfig(
-    encoder=TinyViTConfig(img_size=256, embed_dims=(16, 48, 96, 128), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
-                          window_sizes=(7, 8, 8, 8), mbconv_expand_ratio=2.0, num_classes=0),
-    decoder=DecoderConfig(prompt_embed_dim=128, transformer_depth=2, transformer_heads=4, transformer_mlp_dim=512,
-                          iou_head_hidden_dim=128, mask_in_chans=16),
-)
+DEMO_MODEL = DEMO  # the architecture lives with the other configs; the registry loads it from there
 
 
 def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
     cfg = SupervisedConfig(
         model=json.loads(json.dumps(DEMO_MODEL.to_dict())),
         out_dir=str(out_dir),
-        steps=800,
-        warm_steps=450,
+        steps=1000,
+        warm_steps=550,
         warm_size=128,
         warm_batch_images=8,
-        warm_world={"min_objects": 1, "max_objects": 3},
+        attention_aux_weight=1.0,
         batch_images=4,
         prompts_per_image=6,
         box_fraction=0.4,

@@ -8,12 +8,14 @@ focal + dice on the masks and MSE on the IoU head.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..models.checkpoint import save_checkpoint
 from ..models.config import ModelConfig
@@ -59,6 +61,11 @@ class SupervisedConfig:
     # world settings of the warm phase, e.g. fewer objects: with one object per image a click's target
     # is visible from image features alone, which breaks the "predict nothing" plateau of a fresh model
     warm_world: dict = field(default_factory=dict)
+    init_checkpoint: str | None = None  # start from these weights (flat checkpoint) instead of random
+    # auxiliary supervision of the first decoder layer's cross-attention: image positions inside the
+    # prompted object attend to the prompt tokens, and the prompt token attends to the object. A fresh
+    # SAM decoder otherwise takes thousands of steps to discover where a click points to.
+    attention_aux_weight: float = 0.0
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -76,8 +83,8 @@ class SupervisedConfig:
         """Settings that must match for a resumed run to continue the same trajectory."""
         keys = ("model", "steps", "batch_images", "prompts_per_image", "box_fraction", "background_fraction",
                 "refine_rounds", "refine_fraction", "loss_size", "warm_steps", "warm_size",
-                "warm_batch_images", "warm_world", "lr", "warmup", "weight_decay", "seed",
-                "world_seed", "world")
+                "warm_batch_images", "warm_world", "init_checkpoint", "attention_aux_weight", "lr", "warmup",
+                "weight_decay", "seed", "world_seed", "world")
         return json.loads(json.dumps({k: getattr(self, k) for k in keys}))
 
 
@@ -102,6 +109,7 @@ def supervised_step(model, images: torch.Tensor, targets: list[list[np.ndarray]]
         stats: dict[str, float] = {}
         counts: dict[str, int] = {}
         count = 0
+        tap = AttentionTap(net) if cfg.attention_aux_weight > 0 else None
         for group in initial_groups(rng, targets, cfg.box_fraction, size):
             for round_ in range(1 + cfg.refine_rounds):
                 g = group.to(device)
@@ -109,6 +117,10 @@ def supervised_step(model, images: torch.Tensor, targets: list[list[np.ndarray]]
                     logits, iou = decode_group(net, embeddings, g)
                 loss, s = prompt_loss(upsample(logits.float(), loss_size), iou.float(),
                                       resize_targets(g.targets, loss_size))
+                if tap is not None and round_ == 0:
+                    aux = tap.loss(net, g.targets, 1 if g.boxes is None else 2)
+                    loss = loss + cfg.attention_aux_weight * aux
+                    s["attn_aux"] = float(aux.detach())
                 total = total + loss * len(g)
                 count += len(g)
                 for k, v in s.items():
@@ -119,9 +131,56 @@ def supervised_step(model, images: torch.Tensor, targets: list[list[np.ndarray]]
                 group = refinement_group(rng, group, logits, iou, cfg.refine_fraction)
                 if group is None:
                     break
+        if tap is not None:
+            tap.close()
         return total / max(1, count), {k: v / counts[k] for k, v in stats.items()}
 
     return model(images.to(device), body, precision)
+
+
+class AttentionTap:
+    """Reads the first two-way layer's cross-attention inputs (forward hooks) to supervise where the
+    prompt tokens look: see `SupervisedConfig.attention_aux_weight`."""
+
+    def __init__(self, net: TinySam) -> None:
+        layer = net.mask_decoder.transformer.layers[0]
+        self.inputs: dict[str, tuple] = {}
+        self.handles = [
+            layer.cross_attn_token_to_image.register_forward_hook(self._keep("tok2img")),
+            layer.cross_attn_image_to_token.register_forward_hook(self._keep("img2tok")),
+        ]
+
+    def _keep(self, name: str):
+        def hook(_module, inputs, _output):
+            self.inputs[name] = inputs
+
+        return hook
+
+    @staticmethod
+    def _probs(module, q_in: torch.Tensor, k_in: torch.Tensor) -> torch.Tensor:
+        q = module.separate_heads(module.q_proj(q_in))
+        k = module.separate_heads(module.k_proj(k_in))
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+
+    def loss(self, net: TinySam, targets: torch.Tensor, n_prompt_tokens: int) -> torch.Tensor:
+        layer = net.mask_decoder.transformer.layers[0]
+        first = 1 + net.mask_decoder.num_mask_tokens  # IoU token and mask tokens come first
+        e = net.config.embedding_size
+        cover = F.adaptive_avg_pool2d(targets[:, None].float(), e).flatten(1)  # (P, e*e) in [0, 1]
+        q_in, k_in, _ = self.inputs["img2tok"]
+        to_prompt = self._probs(layer.cross_attn_image_to_token, q_in.float(), k_in.float())
+        to_prompt = to_prompt[..., first:first + n_prompt_tokens].sum(-1).mean(1).clamp(1e-4, 1 - 1e-4)
+        inside = F.binary_cross_entropy(to_prompt, cover)
+        q_in, k_in, _ = self.inputs["tok2img"]
+        looks = self._probs(layer.cross_attn_token_to_image, q_in.float(), k_in.float())
+        looks = looks[:, :, first:first + n_prompt_tokens].mean((1, 2))  # (P, e*e), sums to 1
+        where = cover / cover.sum(-1, keepdim=True).clamp(min=1e-6)
+        gather = -(where * torch.log(looks + 1e-8)).sum(-1).mean() + (where * torch.log(where + 1e-8)).sum(-1).mean()
+        return inside + gather
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 class _EncoderForward(torch.nn.Module):
@@ -167,7 +226,12 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
     device = init_distributed(ctx, select_device(cfg.device))
     precision = select_precision(device, cfg.amp)
     seed_everything(cfg.seed)
-    model = build_model(model_config).to(device).train()
+    model = build_model(model_config)
+    if cfg.init_checkpoint:
+        from ..models.checkpoint import load_weights, read_state_dict
+
+        load_weights(model, read_state_dict(cfg.init_checkpoint), source=cfg.init_checkpoint)
+    model = model.to(device).train()
     nets = {model_config.img_size: model}
     if cfg.warm_steps > 0:
         if model_config.img_size % cfg.warm_size or cfg.warm_size % 16:
@@ -192,6 +256,7 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
     warm_world = SyntheticWorld(cfg.world_seed + 1, replace(world_cfg, **cfg.warm_world))
     start = time.time()
     bar = progress(cfg.steps, step, "train", ctx.is_main)
+    window: dict[str, list[float]] = {}
     while step < cfg.steps:
         # everything random in a step derives from (seed, step): resuming reproduces the same run
         rng = np.random.default_rng([cfg.seed, step, ctx.rank])
@@ -206,6 +271,9 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
         targets = [sample_targets(rng, s, cfg.prompts_per_image, cfg.background_fraction) for s in samples]
         set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup))
         loss, stats = supervised_step(ddp, images, targets, rng, cfg, device, precision)
+        stats["loss"] = float(loss.detach())
+        for k, v in stats.items():  # logged as means over the logging interval (single steps are noisy)
+            window.setdefault(k, []).append(v)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -215,8 +283,9 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
         step += 1
         bar.update(1)
         if ctx.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-            msg = " ".join(f"{k}={v:.3f}" for k, v in stats.items())
-            log(f"step {step}/{cfg.steps} loss={float(loss.detach()):.4f} {msg} ({time.time() - start:.0f}s)")
+            msg = " ".join(f"{k}={np.mean(v):.4f}" for k, v in window.items())
+            log(f"step {step}/{cfg.steps} {msg} ({time.time() - start:.0f}s)")
+            window = {}
         if ctx.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_state(state_path, model=model, optimizer=optimizer, scaler=scaler, step=step,
                        meta=cfg.resume_key())

@@ -127,82 +127,146 @@ def mask_to_rle(mask: np.ndarray, value: int = 255) -> list[int]:
 
 
 # ------------------------------------------------------------------ decoding
-class _BitReader:
-    __slots__ = ("data", "pos", "limit")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data + b"\0" * 8  # reads near the end may look past it
-        self.pos = 0
-        self.limit = len(data) * 8
-
-    def read(self, n: int) -> int:
-        if self.pos + n > self.limit:
-            raise RLEError(f"RLE data ends early (needed {n} bits at bit {self.pos} of {self.limit})")
-        start = self.pos >> 3
-        chunk = int.from_bytes(self.data[start:start + 8], "big")
-        value = (chunk >> (64 - (self.pos & 7) - n)) & ((1 << n) - 1)
-        self.pos += n
-        return value
+_VECTOR_BITS_LIMIT = 32 * 1024 * 1024  # above this the per-bit-position tables would take too much memory
 
 
-def _decode_runs(rle, max_values: int | None):
-    """(declared value count, [(start, end, value), ...]) of Label Studio RLE bytes."""
+def _parse_header(rle, max_values: int | None):
     try:
         data = bytes(rle)
     except (TypeError, ValueError) as exc:
         raise RLEError("RLE must be a list of integers in 0..255") from exc
-    reader = _BitReader(data)
-    num = reader.read(32)
-    word = reader.read(5) + 1
-    sizes = [reader.read(4) + 1 for _ in range(4)]
+    if len(data) * 8 < 53:
+        raise RLEError(f"RLE data ends early: {len(data)} bytes cannot hold the 53-bit header")
+    header = int.from_bytes(data[:8].ljust(8, b"\0"), "big")
+    num = header >> 32
+    word = ((header >> 27) & 31) + 1
+    sizes = [((header >> shift) & 15) + 1 for shift in (23, 19, 15, 11)]
     if word > 8:
         raise RLEError(f"only 8-bit brush RLE is supported, this one has {word}-bit words")
     if max_values is not None and num > max_values:
         raise RLEError(f"RLE declares {num} values, more than the expected {max_values}")
-    runs = []
-    i = 0
-    read = reader.read
+    return data, num, word, sizes
+
+
+def _decode_runs(rle, max_values: int | None):
+    """(declared value count, run lengths, run values) of Label Studio RLE bytes.
+
+    Chunks are variable-length, so finding where each starts is sequential. Instead of parsing bit by bit,
+    the fields a chunk would have at *every* bit position are computed with numpy first; walking the chain
+    of chunk starts is then one list lookup per chunk, and all values are gathered vectorised.
+    """
+    data, num, word, sizes = _parse_header(rle, max_values)
+    n_bits = len(data) * 8
+    if n_bits > _VECTOR_BITS_LIMIT:
+        return _decode_runs_scalar(data, num, word, sizes)
+    padded = data + b"\0" * 16
+    # words[k] = the 8 bytes starting at byte k, big-endian (an overlapping, unaligned strided view)
+    words = np.ndarray(shape=(len(data) + 8,), dtype=">u8", buffer=padded, strides=(1,))
+
+    def windows(bit_positions: np.ndarray) -> np.ndarray:
+        """64-bit windows whose most significant bit is the bit at each position."""
+        return words[bit_positions >> 3].astype(np.uint64) << (bit_positions & 7).astype(np.uint64)
+
+    pos = np.arange(n_bits, dtype=np.int64)
+    win = windows(pos)
+    head = (win >> np.uint64(61)).astype(np.int64)
+    size = np.asarray(sizes, dtype=np.int64)[head & 3]
+    count = ((win << np.uint64(3)) >> (64 - size).astype(np.uint64)).astype(np.int64) + 1
+    repeat = head >> 2
+    # memoryviews: indexing one gives a Python int without converting the whole table to a list
+    nxt = memoryview(np.ascontiguousarray(pos + 3 + size + np.where(repeat == 1, word, word * count)))
+    counts = memoryview(np.ascontiguousarray(count))
+    del win, head, pos
+
+    starts = []
+    p, i = 53, 0
     while i < num:
-        repeat = read(1)
-        j = i + 1 + read(sizes[read(2)])
-        if j > num:
-            raise RLEError(f"RLE run ends at value {j}, past the declared {num}")
-        if repeat:
-            runs.append((i, j, read(word)))
+        if p >= n_bits:
+            raise RLEError(f"RLE data ends early (a chunk starts at bit {p} of {n_bits})")
+        starts.append(p)
+        i += counts[p]
+        p = nxt[p]
+    if i > num:
+        raise RLEError(f"RLE run ends at value {i}, past the declared {num}")
+    if p > n_bits:
+        raise RLEError(f"RLE data ends early (needed bit {p} of {n_bits})")
+
+    s = np.asarray(starts, dtype=np.int64)
+    w0 = windows(s)
+    is_run = (w0 >> np.uint64(63)).astype(bool)
+    chunk_size = np.asarray(sizes, dtype=np.int64)[((w0 >> np.uint64(61)) & np.uint64(3)).astype(np.int64)]
+    chunk_count = count[s]
+    # one entry per run chunk, `count` entries (each a single value) per literal chunk
+    entries = np.where(is_run, 1, chunk_count)
+    owner = np.repeat(np.arange(s.size), entries)
+    k = np.arange(owner.size) - np.repeat(np.cumsum(entries) - entries, entries)
+    value_bit = s[owner] + 3 + chunk_size[owner] + np.where(is_run[owner], 0, word * k)
+    values = (windows(value_bit) >> np.uint64(64 - word)).astype(np.uint8)
+    lengths = np.where(is_run[owner], chunk_count[owner], 1)
+    return num, lengths, values
+
+
+def _decode_runs_scalar(data: bytes, num: int, word: int, sizes: list[int]):
+    """The same walk one chunk at a time, for streams too long for the vectorised tables."""
+    n_bits = len(data) * 8
+    padded = data + b"\0" * 16
+    frombytes = int.from_bytes
+    word_mask = (1 << word) - 1
+    lengths, values = [], []
+    pos, i = 53, 0
+    while i < num:
+        byte, off = pos >> 3, pos & 7
+        window = frombytes(padded[byte:byte + 8], "big")
+        head = (window >> (61 - off)) & 7
+        size = sizes[head & 3]
+        count = ((window >> (61 - off - size)) & ((1 << size) - 1)) + 1
+        if i + count > num:
+            raise RLEError(f"RLE run ends at value {i + count}, past the declared {num}")
+        if head >> 2:
+            lengths.append(count)
+            values.append((window >> (61 - off - size - word)) & word_mask)
+            pos += 3 + size + word
         else:
-            for k in range(i, j):
-                runs.append((k, k + 1, read(word)))
-        i = j
-    return num, runs
+            pos += 3 + size
+            for _ in range(count):
+                byte, off = pos >> 3, pos & 7
+                lengths.append(1)
+                values.append((frombytes(padded[byte:byte + 2], "big") >> (16 - off - word)) & word_mask)
+                pos += word
+        if pos > n_bits:
+            raise RLEError(f"RLE data ends early (needed bit {pos} of {n_bits})")
+        i += count
+    return num, np.asarray(lengths, dtype=np.int64), np.asarray(values, dtype=np.uint8)
 
 
 def decode_rle(rle, max_values: int | None = None) -> np.ndarray:
     """Flat uint8 values of Label Studio RLE bytes (any chunking the editor or SDK produce)."""
-    num, runs = _decode_runs(rle, max_values)
-    out = np.zeros(num, dtype=np.uint8)
-    for start, end, value in runs:
-        if value:
-            out[start:end] = value
-    return out
+    _, lengths, values = _decode_runs(rle, max_values)
+    return np.repeat(values, lengths)
 
 
 def rle_to_mask(rle, height: int, width: int) -> np.ndarray:
     """Boolean H×W mask of a brush region (its alpha channel, as Label Studio's exporters read it).
 
-    Only the alpha values are written: the RGBA array is never materialised.
+    Only the alpha values are looked at and the RGBA array is never materialised: each painted run toggles
+    the mask on at its first pixel and off after its last, and a running parity fills in between.
     """
     pixels = int(height) * int(width)
     expected = pixels * CHANNELS
-    num, runs = _decode_runs(rle, expected)
+    num, lengths, values = _decode_runs(rle, expected)
     if num != expected:
         raise RLEError(f"RLE holds {num} values, but {width}×{height} RGBA needs {expected}")
-    mask = np.zeros(pixels, dtype=bool)
-    alpha = CHANNELS - 1
-    for start, end, value in runs:
-        if value:
-            # pixels p with alpha position 4p+3 inside [start, end)
-            first = (start - alpha + CHANNELS - 1) // CHANNELS
-            last = (end - 1 - alpha) // CHANNELS
-            if last >= first:
-                mask[first:last + 1] = True
-    return mask.reshape(int(height), int(width))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    painted = values != 0
+    first = starts[painted] // CHANNELS  # first pixel whose alpha value (index 4p+3) lies in the run
+    stop = (ends[painted] - CHANNELS) // CHANNELS + 1  # one past the last such pixel
+    keep = stop > first
+    # runs are ordered and disjoint, so [0, f0, s0, f1, s1, ..., pixels] cuts the image into alternating
+    # unpainted/painted segments (some empty): one np.repeat paints them all
+    cuts = np.empty(2 * int(keep.sum()) + 2, dtype=np.int64)
+    cuts[0], cuts[-1] = 0, pixels
+    cuts[1:-1:2], cuts[2:-1:2] = first[keep], stop[keep]
+    on = np.zeros(cuts.size - 1, dtype=bool)
+    on[1::2] = True
+    return np.repeat(on, np.diff(cuts)).reshape(int(height), int(width))
