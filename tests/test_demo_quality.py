@@ -43,8 +43,12 @@ def test_demo_file_is_small_verified_and_in_the_official_layout():
     expected = build_model(spec.config).state_dict()
     assert list(state) == list(expected)
     assert all(state[k].shape == v.shape and state[k].dtype == v.dtype for k, v in expected.items())
-    # the architecture is recoverable from the weights (input size and decoder heads aside)
-    assert infer_config(state, img_size=spec.config.img_size).encoder == spec.config.encoder
+    # the architecture is recoverable from the weights (input size, decoder heads and the unused
+    # head count of the convolutional stage 0 aside)
+    inferred, declared = infer_config(state, img_size=spec.config.img_size).encoder, spec.config.encoder
+    assert (inferred.embed_dims, inferred.depths, inferred.num_heads[1:], inferred.window_sizes[1:]) == \
+        (declared.embed_dims, declared.depths, declared.num_heads[1:], declared.window_sizes[1:])
+    assert inferred.mbconv_expand_ratio == declared.mbconv_expand_ratio
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 

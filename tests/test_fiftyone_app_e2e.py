@@ -95,7 +95,12 @@ def test_segment_everything_from_the_app(tmp_path, tiny_random_checkpoint):
 
                 page.reload()
                 page.wait_for_selector("[data-cy=sidebar-field-sam_e2e]", timeout=120_000)
-                page.click("[data-cy=checkbox-sam_e2e]")
+                page.wait_for_selector("[data-cy=looker]", timeout=120_000)
+                page.click("[data-cy=checkbox-sam_e2e]")  # show the masks on the grid
+                try:
+                    page.wait_for_selector("[data-cy=checkbox-sam_e2e] [data-testid=CheckBoxIcon]", timeout=10_000)
+                except playwright.TimeoutError:
+                    page.click("[data-cy=checkbox-sam_e2e]")  # the first click can land before the grid is live
                 page.wait_for_timeout(3000)
                 page.screenshot(path=str(shot))
             except Exception:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import shutil
+import sys
 import threading
 import zipfile
 from functools import partial
@@ -60,7 +61,7 @@ def pasted(det, w, h):
 def test_apply_model_with_box_and_point_prompts_matches_predictor(dataset, model):
     from tinysam_kit.operators.images import load_image
 
-    assert not any(m.startswith("torchvision") for m in __import__("sys").modules)
+    assert not any(m.startswith("torchvision") for m in sys.modules)
     dataset.apply_model(model, "boxes_sam", box_prompt_field="gt", progress=False)
     dataset.apply_model(model, "points_sam", point_prompt_field="kps", progress=False)
     dataset.apply_model(model, "legacy_sam", prompt_field="gt", progress=False)

@@ -170,3 +170,21 @@ def test_bf16_on_cpu_runs_close_to_fp32(tiny_random_checkpoint):
     assert cos > 0.99
     logits, iou = bf16.decode(b, torch.tensor([[[30.0, 40.0]]]), torch.ones(1, 1), None, None)
     assert logits.dtype == torch.float32 and logits.shape == (1, 4, 64, 64)
+
+
+def test_large_batches_are_decoded_in_chunks(tiny_model):
+    from tinysam_kit.runtime.fast_decoder import PROMPT_CHUNK
+
+    engine = TorchEngine(tiny_model, device="cpu")
+    emb = engine.encode(torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))
+    batch = 2 * PROMPT_CHUNK + 3
+    g = torch.Generator().manual_seed(4)
+    coords, labels = torch.rand((batch, 2, 2), generator=g) * 256, torch.ones(batch, 2)
+    mask = torch.randn((batch, 1, 64, 64), generator=g)
+    for m in (None, mask):
+        logits, iou = engine.decode(emb, coords, labels, None, m)
+        with torch.inference_mode():
+            ref_logits, ref_iou = tiny_model.decode(emb, coords, labels, None, m)
+        assert logits.shape == (batch, 4, 64, 64) and iou.shape == (batch, 4)
+        assert (logits - ref_logits).abs().max().item() <= 1e-4 + 1e-6 * ref_logits.abs().max().item()
+        assert (iou - ref_iou).abs().max().item() <= 1e-5

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..models.sam import TinySam
 from .base import EngineInfo, EngineUnavailableError
-from .fast_decoder import DecoderImageSide, DecoderPromptSide
+from .fast_decoder import DecoderImageSide, DecoderPromptSide, decode_in_chunks
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -208,20 +208,25 @@ class TorchEngine:
             return self.image_side_cache.get(embedding, lambda: self._image_side(embedding, nomask))
 
     def decode(self, embedding, point_coords, point_labels, boxes, mask_input):
+        if self.exact:
+            with torch.inference_mode():
+                points = (self._put(point_coords), self._put(point_labels)) if point_coords is not None else None
+                sparse, dense = self.model.prompt_encoder(points, self._put(boxes), self._put(mask_input))
+                logits, iou = self.model.mask_decoder(embedding, self._dense_pe, sparse, dense)
+                return logits.float().cpu(), iou.float().cpu()
+        return decode_in_chunks(lambda *a: self._decode_split(embedding, *a), point_coords, point_labels, boxes,
+                                mask_input)
+
+    def _decode_split(self, embedding, point_coords, point_labels, boxes, mask_input):
         with torch.inference_mode():
             pe = self.model.prompt_encoder
             points = (self._put(point_coords), self._put(point_labels)) if point_coords is not None else None
-            if self.exact:
-                sparse, dense = pe(points, self._put(boxes), self._put(mask_input))
-                logits, iou = self.model.mask_decoder(embedding, self._dense_pe, sparse, dense)
+            sparse, _ = pe(points, self._put(boxes), None)
+            if mask_input is not None:
+                side = self.image_side(embedding, pe.embed_masks(self._put(mask_input)))
             else:
-                sparse, dense = pe(points, self._put(boxes), None)
-                if mask_input is not None:
-                    dense = pe.embed_masks(self._put(mask_input))
-                    side = self.image_side(embedding, dense)
-                else:
-                    side = self.image_side(embedding)
-                logits, iou = self._prompt_side(*side, sparse)
+                side = self.image_side(embedding)
+            logits, iou = self._prompt_side(*side, sparse)
             return logits.float().cpu(), iou.float().cpu()
 
     def embedding_nbytes(self, embedding: torch.Tensor) -> int:

@@ -64,7 +64,7 @@ def to_model_input(image: np.ndarray, img_size: int) -> tuple[torch.Tensor, tupl
     nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
     if (nh, nw) != (h, w):
         image = np.array(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    x = torch.from_numpy(np.ascontiguousarray(image)).float()
+    x = torch.from_numpy(np.array(image, dtype=np.float32))
     x = (x - torch.tensor(PIXEL_MEAN)) / torch.tensor(PIXEL_STD)
     x = x.permute(2, 0, 1)[None]
     x = torch.nn.functional.pad(x, (0, img_size - nw, 0, img_size - nh))

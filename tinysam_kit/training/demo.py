@@ -12,7 +12,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from ..models.config import DEMO, ModelConfig
+from ..models.config import DEMO
 from .supervised import SupervisedConfig, train_supervised, write_sidecar
 
 DEMO_MODEL = DEMO  # the architecture lives with the other configs; the registry loads it from there
@@ -45,28 +45,47 @@ def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
     return replace(cfg, **overrides)
 
 
-def train_demo(out_dir: str | Path, install: bool = False, log=print, **overrides) -> Path:
-    """Train the demo model into `out_dir` (resuming if interrupted); `install` copies it into the
-    package weights as demo.pth with its config sidecar."""
+def demo_refine_config(out_dir: str | Path, init_checkpoint: str | Path, **overrides) -> SupervisedConfig:
+    """Stage 2: the full world at 256 px only, from stage 1's weights, at a lower learning rate."""
+    cfg = replace(demo_training_config(out_dir), steps=600, warm_steps=0, lr=1e-3, warmup=10, seed=1,
+                  init_checkpoint=str(init_checkpoint))
+    return replace(cfg, **overrides)
+
+
+def _split_batches(cfg: SupervisedConfig, world: int) -> SupervisedConfig:
+    """The recipe's batch is per step, whatever the number of processes (torchrun) sharing it."""
+    if world == 1:
+        return cfg
+    for name in ("batch_images", "warm_batch_images"):
+        if getattr(cfg, name) % world:
+            raise ValueError(f"{name}={getattr(cfg, name)} cannot be split over {world} processes")
+    return replace(cfg, batch_images=cfg.batch_images // world, warm_batch_images=cfg.warm_batch_images // world)
+
+
+def train_demo(out_dir: str | Path, install: bool = False, log=print, stages: int = 2, **overrides) -> Path:
+    """Train the demo model into `out_dir`/stage1 and `out_dir`/stage2 (each resumes if interrupted);
+    `install` copies the result into the package weights as demo.pth with its config sidecar."""
+    import torch.distributed as dist
+
     from .loop import distributed_from_env
 
-    cfg = demo_training_config(out_dir, **overrides)
-    world = distributed_from_env().world_size
-    if world > 1:
-        # the recipe's batch is per step, whatever the number of processes (torchrun) sharing it
-        for name in ("batch_images", "warm_batch_images"):
-            if getattr(cfg, name) % world:
-                raise ValueError(f"{name}={getattr(cfg, name)} cannot be split over {world} processes")
-        cfg = replace(cfg, batch_images=cfg.batch_images // world,
-                      warm_batch_images=cfg.warm_batch_images // world)
-    final = train_supervised(cfg, log=log)
-    if install and distributed_from_env().is_main:
+    ctx = distributed_from_env()
+    out_dir = Path(out_dir)
+    final = train_supervised(_split_batches(demo_training_config(out_dir / "stage1", **overrides),
+                                            ctx.world_size), log=log)
+    if stages >= 2:
+        if dist.is_initialized():
+            dist.barrier()  # every rank starts stage 2 from the file rank 0 has just written
+        refine = {k: v for k, v in overrides.items() if k in ("device", "threads", "amp")}
+        final = train_supervised(_split_batches(demo_refine_config(out_dir / "stage2", final, **refine),
+                                                ctx.world_size), log=log)
+    if install and ctx.is_main:
         from ..models.registry import PACKAGE_WEIGHTS
 
         dest = PACKAGE_WEIGHTS / "demo.pth"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(final, dest)
-        write_sidecar(dest, ModelConfig.from_dict(cfg.model))
+        write_sidecar(dest, DEMO_MODEL)
         log(f"installed {dest}")
         return dest
     return final
