@@ -19,8 +19,8 @@ from ..runtime import Engine, create_engine
 from .images import load_image, to_rgb_uint8
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
-# Full-resolution logits are produced in chunks of at most this many float32 pixels (~256 MB).
-UPSAMPLE_PIXEL_BUDGET = 64 * 1024 * 1024
+# Full-resolution logits are produced in chunks of at most this many float32 pixels (~64 MB).
+UPSAMPLE_PIXEL_BUDGET = 16 * 1024 * 1024
 
 
 class PromptError(ValueError):

@@ -47,7 +47,7 @@ def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
 
 def demo_refine_config(out_dir: str | Path, init_checkpoint: str | Path, **overrides) -> SupervisedConfig:
     """Stage 2: the full world at 256 px only, from stage 1's weights, at a lower learning rate."""
-    cfg = replace(demo_training_config(out_dir), steps=600, warm_steps=0, lr=1e-3, warmup=10, seed=1,
+    cfg = replace(demo_training_config(out_dir), steps=800, warm_steps=0, lr=1e-3, warmup=10, seed=1,
                   init_checkpoint=str(init_checkpoint))
     return replace(cfg, **overrides)
 
