@@ -349,7 +349,10 @@ def test_demo_model_masks_fit_the_objects(fo, tmp_path):
         mask = full_mask(ds.first().m.detections[0], 320, 240)
         iou = (mask & truth).sum() / (mask | truth).sum()
         assert iou > 0.8, f"box prompt IoU {iou:.2f}"
-        result = run("segment_everything", ds, {"model": "demo", "label_field": "auto"})
+        # The small demo model's IoU head is not calibrated like TinySAM's: its predictions rarely pass the
+        # default 0.88 threshold, so the everything run uses looser thresholds (see docs/training.md).
+        result = run("segment_everything", ds, {"model": "demo", "label_field": "auto", "pred_iou_thresh": 0.5,
+                                                "stability_score_thresh": 0.8})
         assert result.error is None, result.error
         best = max(((full_mask(d, 320, 240) & truth).sum() / (full_mask(d, 320, 240) | truth).sum())
                    for d in ds.first().auto.detections)

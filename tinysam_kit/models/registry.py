@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_weights, read_state_dict
-from .config import TINYSAM_VIT_T, DecoderConfig, ModelConfig, TinyViTConfig
+from .config import DEMO, TINYSAM_VIT_T, DecoderConfig, ModelConfig, TinyViTConfig
 from .sam import TinySam, build_model
 
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -59,6 +59,12 @@ register_model(ModelSpec(
     "mobilesam", "mobile_sam.pt",
     "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt", None, TINYSAM_VIT_T,
     "MobileSAM (TinyViT-5M, decoupled distillation)",
+))
+register_model(ModelSpec(
+    "demo", "demo.pth", None, "4002783ad2487e8fbb87e7885c6fcbc7d172cd9a33bc801fb64edd8be6893341", DEMO,
+    "small demo model trained from scratch on the synthetic world: meaningful but weak masks, for tests and "
+    "demos (bundled; `tinysam train-demo` reproduces it; quality in docs/training.md)",
+    bundled=True,
 ))
 
 
