@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import queue
-import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,37 +25,33 @@ class PrelabelResult:
     stats: dict | None = None
 
 
-def prefetch_images(items: Iterable[Any], load: Callable[[Any], np.ndarray] = load_image,
-                    depth: int = 2) -> Iterator[tuple[Any, np.ndarray | None, str | None]]:
-    """Decode images in a background thread, at most `depth` ahead, so decoding overlaps inference."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    done = object()
-    stop = threading.Event()
+def prefetch_images(items: Iterable[Any], load: Callable[[Any], Any] = load_image, depth: int = 2,
+                    workers: int = 1) -> Iterator[tuple[Any, Any, Exception | None]]:
+    """Yield (item, loaded, error) in input order while up to `depth` items are decoded ahead by `workers`
+    threads (decoding releases the GIL, so it overlaps inference); memory stays bounded by `depth`.
 
-    def worker() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                try:
-                    q.put((item, load(item), None))
-                except Exception as exc:  # noqa: BLE001 - every failure becomes a per-item error
-                    q.put((item, None, f"{type(exc).__name__}: {exc}"))
-        finally:
-            q.put(done)
+    Unreadable inputs (ImageError, OSError, other ValueErrors) become per-item errors; anything else is a bug
+    and propagates.
+    """
+    depth = max(1, depth)
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="tinysam-decode") as pool:
+        pending: deque = deque()
+        it = iter(items)
 
-    thread = threading.Thread(target=worker, name="tinysam-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (entry := q.get()) is not done:
-            yield entry
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock the worker if the consumer stopped early
+        def submit() -> None:
+            for item in it:
+                pending.append((item, pool.submit(load, item)))
+                return
+
+        for _ in range(depth):
+            submit()
+        while pending:
+            item, future = pending.popleft()
+            submit()
             try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+                yield item, future.result(), None
+            except (OSError, ValueError) as exc:
+                yield item, None, exc
 
 
 def run_everything(predictor: TinySamPredictor, items: Iterable[Any], *, mode: str = "hierarchical",
@@ -65,7 +61,7 @@ def run_everything(predictor: TinySamPredictor, items: Iterable[Any], *, mode: s
     generator = EverythingGenerator(predictor, mode, **params)
     for item, image, error in prefetch_images(items, load, prefetch):
         if error is not None:
-            yield PrelabelResult(item, None, error)
+            yield PrelabelResult(item, None, f"{type(error).__name__}: {error}")
             continue
         try:
             # Each image is seen once here: don't let it push interactive embeddings out of the cache.

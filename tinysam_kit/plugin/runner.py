@@ -17,13 +17,12 @@ import re
 import shutil
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from ..operators.images import ImageError, load_image
+from ..operators.images import load_image
 from ..operators.predictor import PromptError, TinySamPredictor
+from ..operators.prelabel import prefetch_images
 from . import labels as L
 
 TASKS = ("everything", "prompts")
@@ -251,30 +250,6 @@ def load_summary(dataset, label_field: str) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------- pipeline
-def prefetch(items: Iterable, load: Callable, depth: int, workers: int) -> Iterator[tuple]:
-    """Yield (item, loaded, error) in order while up to `depth` items are loaded ahead by `workers`
-    threads (decoding releases the GIL, so it overlaps with inference); memory stays bounded by depth."""
-    depth = max(1, depth)
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="tinysam-decode") as pool:
-        queue: deque = deque()
-        it = iter(items)
-
-        def submit() -> None:
-            for item in it:
-                queue.append((item, pool.submit(load, item)))
-                return
-
-        for _ in range(depth):
-            submit()
-        while queue:
-            item, future = queue.popleft()
-            submit()
-            try:
-                yield item, future.result(), None
-            except (ImageError, OSError, PromptError) as exc:
-                yield item, None, exc
-
-
 class _Writer:
     """Buffers per-sample results and writes them in batches; the output field is written last."""
 
@@ -345,7 +320,7 @@ def run_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None 
         everything = EverythingGenerator(predictor, spec.mode, **spec.everything)
     try:
         for n, ((sample_id, path, prompt_labels), image, error) in enumerate(
-                prefetch(items, lambda item: load_image(item[1]), spec.prefetch, spec.decode_workers), 1):
+                prefetch_images(items, lambda item: load_image(item[1]), spec.prefetch, spec.decode_workers), 1):
             if cancel is not None and cancel.is_set():
                 summary.status = "cancelled"
                 break
