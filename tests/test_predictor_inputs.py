@@ -180,3 +180,11 @@ def test_cache_is_bounded_in_bytes():
     assert "k3" in cache and "k4" not in cache
     cache.put(ImageEmbedding("huge", None, (1, 1), (1, 1), 1000))
     assert "huge" not in cache
+
+
+def test_same_size_upsampling_shortcut_is_exact():
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 1, 96, 128) * 50
+    assert torch.equal(F.interpolate(x, (96, 128), mode="bilinear", align_corners=False), x)

@@ -298,7 +298,8 @@ class TinySamPredictor:
             chunk = low_res[start : start + step].unsqueeze(1)
             x = F.interpolate(chunk, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
             x = x[..., :nh, :nw]
-            x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False)
+            if (nh, nw) != (h, w):  # resizing to the same size is the identity: skip the copy
+                x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False)
             yield start, x[:, 0]
 
     def upsample_logits(self, low_res: torch.Tensor, state: ImageEmbedding) -> torch.Tensor:
