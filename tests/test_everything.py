@@ -102,3 +102,14 @@ def test_low_res_prefilter_keeps_exact_masks(predictor, image):
     exact_areas = {(tuple(r["point_coords"][0]), r["area"]) for r in exact}
     # Whatever the prefilter keeps is computed exactly (a subset of the exact records, modulo NMS reshuffles).
     assert sum((tuple(r["point_coords"][0]), r["area"]) in exact_areas for r in tight) >= 0.5 * len(tight)
+
+
+def test_registered_models_bring_their_everything_thresholds():
+    from tinysam_kit.models.registry import MODELS
+
+    if "demo" not in MODELS:
+        pytest.skip("no bundled demo model in this checkout")
+    demo = TinySamPredictor.from_pretrained("demo", device="cpu")
+    gen = EverythingGenerator(demo)
+    assert gen.params.pred_iou_thresh == MODELS["demo"].everything_defaults["pred_iou_thresh"]
+    assert EverythingGenerator(demo, pred_iou_thresh=0.9).params.pred_iou_thresh == 0.9  # the caller wins

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ class ModelSpec:
     config: ModelConfig
     description: str = ""
     bundled: bool = False  # shipped inside the package (no download)
+    # Everything-mode thresholds suited to this model's score calibration, used where the caller sets none.
+    everything_defaults: dict = field(default_factory=dict)
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -65,7 +67,15 @@ register_model(ModelSpec(
     "small demo model trained from scratch on the synthetic world: meaningful but weak masks, for tests and "
     "demos (bundled; `tinysam train-demo` reproduces it; quality in docs/training.md)",
     bundled=True,
+    # Its IoU head rarely predicts above SAM's 0.88: with the defaults it would find nothing.
+    everything_defaults={"pred_iou_thresh": 0.5, "stability_score_thresh": 0.8},
 ))
+
+
+def recommended_everything_params(model_name: str) -> dict:
+    """Everything-mode parameters registered for `model_name` (empty for unknown names and files)."""
+    spec = MODELS.get(model_name)
+    return dict(spec.everything_defaults) if spec is not None else {}
 
 
 def cache_dir() -> Path:

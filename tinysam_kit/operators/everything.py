@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from ..models.registry import recommended_everything_params
 from .encodings.coco import masks_to_uncompressed_rle, rle_area, to_coco_rle, uncompressed_rle_to_mask
 from .images import load_image, to_rgb_uint8
 from .nms import masks_to_boxes, single_class_nms
@@ -185,6 +186,7 @@ class EverythingGenerator:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.predictor = predictor
         self.mode = mode
+        params = {**recommended_everything_params(predictor.engine.info.model_name), **params}
         self.params = EverythingParams.from_kwargs(**params)
         self.stats: dict = {}
 

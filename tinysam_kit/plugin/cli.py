@@ -40,8 +40,10 @@ def register(subparsers) -> None:
     pre.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pre.add_argument("--points-per-side", type=int, default=32)
-    pre.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    pre.add_argument("--stability-score-thresh", type=float, default=0.95)
+    pre.add_argument("--pred-iou-thresh", type=float, default=None,
+                     help="default: 0.88, or the model's registered recommendation")
+    pre.add_argument("--stability-score-thresh", type=float, default=None,
+                     help="default: 0.95, or the model's registered recommendation")
     pre.add_argument("--box-nms-thresh", type=float, default=0.7)
     pre.add_argument("--min-area", type=int, default=0, help="remove holes/islands smaller than this (pixels)")
     pre.add_argument("--max-masks", type=int, default=None, help="keep at most this many masks per image")
@@ -133,6 +135,7 @@ def prelabel(args) -> int:
     everything = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
                   "stability_score_thresh": args.stability_score_thresh, "box_nms_thresh": args.box_nms_thresh,
                   "min_mask_region_area": args.min_area}
+    everything = {k: v for k, v in everything.items() if v is not None}
     if args.max_masks:
         everything["max_masks"] = args.max_masks
     spec = RunSpec("everything", args.field, model=model, engine=args.engine,
