@@ -107,8 +107,6 @@ def test_low_res_prefilter_keeps_exact_masks(predictor, image):
 def test_registered_models_bring_their_everything_thresholds():
     from tinysam_kit.models.registry import MODELS
 
-    if "demo" not in MODELS:
-        pytest.skip("no bundled demo model in this checkout")
     demo = TinySamPredictor.from_pretrained("demo", device="cpu")
     gen = EverythingGenerator(demo)
     assert gen.params.pred_iou_thresh == MODELS["demo"].everything_defaults["pred_iou_thresh"]

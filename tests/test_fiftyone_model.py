@@ -152,8 +152,7 @@ def test_zoo_download_uses_the_registry(tmp_path, monkeypatch):
     spec.loader.exec_module(zoo)
     with pytest.raises(ValueError, match="unknown TinySAM zoo model"):
         zoo.download_model("sam-huge", str(tmp_path / "x.pth"))
-    if not demo_model_available():
-        pytest.skip("bundled demo model not present yet")
+    assert demo_model_available(), "the demo model is committed with the package"
     target = tmp_path / "m" / "tinysam_demo.pth"
     zoo.download_model("tinysam-demo", str(target))
     assert target.is_file() and (tmp_path / "m" / "tinysam_demo.pth.json").is_file()

@@ -331,8 +331,7 @@ def test_demo_model_masks_fit_the_objects(fo, tmp_path):
     from fiftyone_helpers import demo_model_available
     from PIL import Image
 
-    if not demo_model_available():
-        pytest.skip("the bundled demo model is not present yet")
+    assert demo_model_available(), "the demo model is committed with the package"
     rng = np.random.default_rng(1)
     img = rng.normal(100, 8, (240, 320, 3)).clip(0, 255).astype(np.uint8)
     truth = np.zeros((240, 320), dtype=bool)
