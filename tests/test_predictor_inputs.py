@@ -135,8 +135,12 @@ def test_shapes_and_best(predictor, rgb):
     best, score = predictor.predict_best(box=[5, 5, 50, 40])
     masks, ious, _ = predictor.predict(box=[5, 5, 50, 40])
     assert score == pytest.approx(float(ious.max())) and np.array_equal(best, masks[int(np.argmax(ious))])
-    masks, ious, low = predictor.predict(point_coords=[[10, 10]], point_labels=[1], mask_input=low[0])
+    masks, ious, _ = predictor.predict(point_coords=[[10, 10]], point_labels=[1], mask_input=low[0])
     assert masks.shape == (3, 60, 80)
+    # masks (upsampled only where they can be true) are the thresholded full-resolution logits
+    logits, _, _ = predictor.predict(point_coords=[[10, 10]], point_labels=[1], mask_input=low[0],
+                                     return_logits=True)
+    assert logits.dtype == np.float32 and np.array_equal(masks, logits > 0)
 
 
 def test_batched_boxes_and_points(predictor, rgb):

@@ -121,18 +121,20 @@ def test_split_decoder_matches_model_decode(reference_model_and_embedding, case)
     args = _prompt_sets(1024)[case]
     with torch.inference_mode():
         ref_logits, ref_iou = model.decode(emb, *args)
-    engine = TorchEngine(model, device="cpu")
-    # With the model's own transposed convolutions the split is exact to the bit pattern's last place.
-    engine._prompt_side = DecoderPromptSide(model, gemm_upscale=False).eval()
-    logits, iou = engine.decode(emb, *args)
-    assert (logits - ref_logits).abs().max().item() <= 1e-4
-    assert (iou - ref_iou).abs().max().item() <= 1e-5
-    # The default replaces them by GEMMs (another summation order): ≤ 1e-4 plus 1e-6 of the logit scale
-    # (the random reference weights give logits of several hundred).
-    logits, iou = TorchEngine(model, device="cpu").decode(emb, *args)
-    bound = 1e-4 + 1e-6 * ref_logits.abs().max().item()
-    assert (logits - ref_logits).abs().max().item() <= bound
-    assert (iou - ref_iou).abs().max().item() <= 1e-5
+    # The split decoder folds the attention projections into the prompt tokens (another summation order),
+    # with the model's own transposed convolutions or with GEMMs: float32 rounding of the logits, within
+    # 1e-4 plus 2e-6 of their scale (the random reference weights give logits of several hundred).
+    bound = 1e-4 + 2e-6 * ref_logits.abs().max().item()
+    for gemm_upscale in (False, True):
+        engine = TorchEngine(model, device="cpu")
+        engine._prompt_side = DecoderPromptSide(model, gemm_upscale=gemm_upscale).eval()
+        logits, iou = engine.decode(emb, *args)
+        assert (logits - ref_logits).abs().max().item() <= bound
+        assert (iou - ref_iou).abs().max().item() <= 1e-5
+    # and the masks (the sign of the logits) are the model's
+    logits, _ = TorchEngine(model, device="cpu").decode(emb, *args)
+    flips = ((logits > 0) != (ref_logits > 0)) & (ref_logits.abs() > bound)
+    assert not flips.any()
 
 
 def test_image_side_cache_follows_embedding_lifetime(tiny_model):
@@ -186,5 +188,5 @@ def test_large_batches_are_decoded_in_chunks(tiny_model):
         with torch.inference_mode():
             ref_logits, ref_iou = tiny_model.decode(emb, coords, labels, None, m)
         assert logits.shape == (batch, 4, 64, 64) and iou.shape == (batch, 4)
-        assert (logits - ref_logits).abs().max().item() <= 1e-4 + 1e-6 * ref_logits.abs().max().item()
+        assert (logits - ref_logits).abs().max().item() <= 1e-4 + 2e-6 * ref_logits.abs().max().item()
         assert (iou - ref_iou).abs().max().item() <= 1e-5

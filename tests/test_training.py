@@ -249,6 +249,36 @@ def test_supervised_training_smoke(tmp_path):
         train_supervised(dataclasses.replace(cfg, lr=5e-4), log=logs.append)
 
 
+def test_batchnorm_recalibration_then_frozen_fine_tuning(tmp_path):
+    """Stage 3 of the demo recipe: running statistics re-estimated on world images, then kept fixed while
+    the weights train (inference-mode BatchNorm)."""
+    from tinysam_kit.models.checkpoint import read_state_dict
+    from tinysam_kit.models.sam import build_model
+    from tinysam_kit.training.supervised import recalibrate_batchnorm
+
+    world = SyntheticWorld(0, TINY_WORLD)
+    model = build_model(STUDENT).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in bns)
+    recalibrate_batchnorm(model, world, images=8, device=torch.device("cpu"))
+    first = bns[0]
+    assert not torch.equal(first.running_mean, torch.zeros_like(first.running_mean))
+    assert first.momentum == 0.1 and first.training  # settings restored
+    from tinysam_kit.models.checkpoint import save_checkpoint
+
+    init = save_checkpoint(model, tmp_path / "init.pth")
+    cfg = SupervisedConfig(model=STUDENT.to_dict(), out_dir=str(tmp_path / "bn"), steps=2, batch_images=2,
+                           prompts_per_image=2, refine_rounds=0, warmup=1, lr=1e-3, world=TINY_WORLD.to_dict(),
+                           device="cpu", init_checkpoint=str(init), recalibrate_batchnorm=8,
+                           frozen_batchnorm=True)
+    out = read_state_dict(train_supervised(cfg, log=lambda _m: None))
+    before = read_state_dict(init)
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.allclose(out[k], before[k]) for k in stats)  # same images, frozen afterwards
+    weights = [k for k in before if k.endswith("weight") and "bn" not in k]
+    assert any(not torch.equal(out[k], before[k]) for k in weights)
+
+
 def test_tied_models_share_parameters_across_input_sizes():
     from tinysam_kit.models.sam import build_model
 

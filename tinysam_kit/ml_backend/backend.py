@@ -252,9 +252,9 @@ def decode_prompt(predictor: TinySamPredictor, state: ImageEmbedding, points_px,
 
 
 def full_mask(predictor: TinySamPredictor, state: ImageEmbedding, low_res: torch.Tensor) -> np.ndarray:
-    """Upsample only the chosen mask: on a 12-MP photo that is most of a click's cost, and it needs no
-    model, so it runs outside the model gate, in parallel with other annotators' decoder calls."""
-    return (predictor.upsample_logits(low_res, state)[0] > predictor.engine_threshold).numpy()
+    """Upsample only the chosen mask, only where it can be true: it needs no model, so it runs outside
+    the model gate, in parallel with other annotators' decoder calls."""
+    return predictor.masks_from_low_res(low_res, state)[0]
 
 
 def segment(predictor: TinySamPredictor, state: ImageEmbedding, points_px, labels, box_px):

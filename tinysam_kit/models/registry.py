@@ -63,7 +63,7 @@ register_model(ModelSpec(
     "MobileSAM (TinyViT-5M, decoupled distillation)",
 ))
 register_model(ModelSpec(
-    "demo", "demo.pth", None, "4002783ad2487e8fbb87e7885c6fcbc7d172cd9a33bc801fb64edd8be6893341", DEMO,
+    "demo", "demo.pth", None, "7eb9f17dcd32194c8aaf6ff548997dd5610a17eccec206e862698ce3a1a95cdc", DEMO,
     "small demo model trained from scratch on the synthetic world: meaningful but weak masks, for tests and "
     "demos (bundled; `tinysam train-demo` reproduces it; quality in docs/training.md)",
     bundled=True,

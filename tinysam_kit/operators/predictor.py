@@ -17,6 +17,7 @@ from PIL import Image
 from ..models.sam import PIXEL_MEAN, PIXEL_STD
 from ..runtime import Engine, create_engine
 from .images import load_image, to_rgb_uint8
+from .upsampling import mask_from_low_res, resize_logits
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 # Full-resolution logits are produced in chunks of at most this many float32 pixels (~64 MB).
@@ -291,16 +292,11 @@ class TinySamPredictor:
         Same two bilinear steps as the reference: to the padded input size, crop, to the original size.
         """
         h, w = state.original_size
-        nh, nw = state.input_size
         per_mask = max(h * w, self.img_size * self.img_size)
         step = max(1, pixel_budget // per_mask)
         for start in range(0, low_res.shape[0], step):
-            chunk = low_res[start : start + step].unsqueeze(1)
-            x = F.interpolate(chunk, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-            x = x[..., :nh, :nw]
-            if (nh, nw) != (h, w):  # resizing to the same size is the identity: skip the copy
-                x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False)
-            yield start, x[:, 0]
+            yield start, resize_logits(low_res[start : start + step], self.img_size, state.input_size,
+                                       state.original_size)
 
     def upsample_logits(self, low_res: torch.Tensor, state: ImageEmbedding) -> torch.Tensor:
         h, w = state.original_size
@@ -309,14 +305,26 @@ class TinySamPredictor:
             out[start : start + chunk.shape[0]] = chunk
         return out
 
+    def masks_from_low_res(self, low_res: torch.Tensor, state: ImageEmbedding) -> np.ndarray:
+        """(K, s, s) logits → (K, H, W) bool masks of the original image, equal to thresholding
+        `upsample_logits` but interpolating only where a mask can be true."""
+        h, w = state.original_size
+        out = np.empty((low_res.shape[0], h, w), dtype=bool)
+        for i, logits in enumerate(low_res):
+            out[i] = mask_from_low_res(logits, self.img_size, state.input_size, state.original_size,
+                                       self.engine_threshold)
+        return out
+
     def _finish(self, low_res, iou, state, multimask_output, return_logits):
         sel = slice(1, None) if multimask_output else slice(0, 1)
         low_res, iou = low_res[:, sel], iou[:, sel]
         b, k = iou.shape
-        full = self.upsample_logits(low_res.reshape(b * k, *low_res.shape[-2:]), state)
-        full = full.reshape(b, k, *full.shape[-2:])
-        masks = full if return_logits else full > self.engine_threshold
-        return masks.numpy(), iou.numpy(), low_res.numpy()
+        flat = low_res.reshape(b * k, *low_res.shape[-2:])
+        if return_logits:
+            masks = self.upsample_logits(flat, state).numpy()
+        else:
+            masks = self.masks_from_low_res(flat, state)
+        return masks.reshape(b, k, *masks.shape[-2:]), iou.numpy(), low_res.numpy()
 
     @property
     def engine_threshold(self) -> float:
@@ -334,11 +342,12 @@ class TinySamPredictor:
 
     def predict_best(self, point_coords=None, point_labels=None, box=None, mask_input=None,
                      image_embedding: ImageEmbedding | None = None) -> tuple[np.ndarray, float]:
-        """The mask with the highest predicted IoU and that IoU."""
-        masks, scores, _ = self.predict(point_coords, point_labels, box, mask_input,
-                                        image_embedding=image_embedding)
-        best = int(np.argmax(scores))
-        return masks[best], float(scores[best])
+        """The mask with the highest predicted IoU of the three, and that IoU (only it is upsampled)."""
+        state = self._state(image_embedding)
+        coords, labels, boxes, mask = self.prepare_prompts(state, point_coords, point_labels, box, mask_input)
+        low_res, iou = self.decode(state, coords, labels, boxes, mask)
+        best = 1 + int(torch.argmax(iou[0, 1:]))
+        return self.masks_from_low_res(low_res[0, best:best + 1], state)[0], float(iou[0, best])
 
     def predict_batch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                       multimask_output: bool = True, return_logits: bool = False,

@@ -143,9 +143,10 @@ class TorchEngine:
     """Runs a `TinySam` module.
 
     fp32 with `exact=True` is the reference path (the model's own forward code, unchanged). The default
-    (`exact=False`) keeps fp32 answers (max |Δ| ≤ 1e-4) while folding BatchNorm into convolutions, using
-    channels-last memory for the encoder on CPU, and splitting the decoder so its prompt-independent work is
-    done once per image. fp16/bf16 trade exactness for speed; `compile=True` adds `torch.compile`.
+    (`exact=False`) keeps fp32 answers (logits within float32 rounding: 1e-4 + 2e-6 of their scale) while
+    folding BatchNorm into convolutions, using channels-last memory for the encoder on CPU, and splitting the
+    decoder so its prompt-independent work is done once per image and its attention runs in folded form.
+    fp16/bf16 trade exactness for speed; `compile=True` adds `torch.compile`.
     """
 
     def __init__(self, model: TinySam, *, device: str = "auto", precision: str = "fp32",

@@ -1,0 +1,122 @@
+"""Binary masks from low-resolution logits, computing only the region where a mask can be true.
+
+SAM turns (s, s) logits into a mask of the user's image with two bilinear resizes (to the padded input
+size, crop, to the original size) and a `> 0` threshold. Bilinear interpolation is a convex combination of
+at most 2×2 source values, so an output pixel can only be positive where one of its sources is: every
+pixel outside the rows and columns reached from the bounding box of the positive low-resolution logits
+is certainly false. Only that window is interpolated — with the source indices, weights and rounding of
+PyTorch's `align_corners=False` CPU kernel, separably (columns, then rows), so the values are bit-identical
+(tested) — and a click on a small object in a 12-megapixel photo costs a few thousand interpolated
+pixels instead of twelve million.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Above this fraction of the output, the whole-image kernel is faster than the gathered window.
+WHOLE_IMAGE_FRACTION = 0.5
+
+
+@lru_cache(maxsize=64)
+def axis_map(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices (i0, i1) and the weight of i1 for every output position, as PyTorch computes them
+    for bilinear resizing with align_corners=False."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    # float scale, source position in double rounded to float: the arithmetic of ATen's CPU kernel
+    src = (float(scale) * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    i0 = src.astype(np.int64)  # non-negative: truncation is floor
+    lam = np.minimum(src - i0.astype(np.float32), np.float32(1))
+    i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+    return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy(lam.astype(np.float32))
+
+
+def reached(i0: torch.Tensor, i1: torch.Tensor, lo: int, hi: int, limit: int) -> tuple[int, int] | None:
+    """Output positions [a, b) (below `limit`) whose sources touch source positions [lo, hi]."""
+    hit = torch.nonzero((i0[:limit] <= hi) & (i1[:limit] >= lo))
+    if len(hit) == 0:
+        return None
+    return int(hit[0]), int(hit[-1]) + 1
+
+
+def _blend(first: torch.Tensor, second: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """first·(1-λ) + second·λ rounded as ATen's kernel rounds it (one fused multiply-add over the rounded
+    second product), so windowed values are bit-identical to whole-image ones."""
+    return (first.double() * (1 - lam).double() + second * lam).float()
+
+
+def _resize_window(x: torch.Tensor, rows: tuple[torch.Tensor, ...], cols: tuple[torch.Tensor, ...],
+                   row_offset: int, col_offset: int) -> torch.Tensor:
+    """Bilinear values of output rows/cols given by their (i0, i1, λ) maps, from the source window `x`
+    whose first row/column is source position (row_offset, col_offset); columns first, then rows."""
+    r0, r1, rl = rows
+    c0, c1, cl = cols
+    horizontal = _blend(x[:, c0 - col_offset], x[:, c1 - col_offset], cl)
+    return _blend(horizontal[r0 - row_offset], horizontal[r1 - row_offset], rl[:, None])
+
+
+def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                      original_size: tuple[int, int], threshold: float = 0.0) -> np.ndarray:
+    """(s, s) logits → (H, W) bool mask equal to `resize(resize(low_res)[:h, :w]) > threshold`."""
+    h, w = original_size
+    nh, nw = input_size
+    out = np.zeros((h, w), dtype=bool)
+    if threshold < 0:  # a negative threshold makes every pixel a candidate: no window to exploit
+        out[:] = (resize_logits(low_res[None], img_size, input_size, original_size)[0] > threshold).numpy()
+        return out
+    positive = low_res.float().numpy() > threshold
+    ys = np.flatnonzero(positive.any(axis=1))
+    if len(ys) == 0:
+        return out
+    xs = np.flatnonzero(positive.any(axis=0))
+    s = low_res.shape[-1]
+    maps1 = axis_map(s, img_size)
+    rows1 = reached(*maps1[:2], int(ys[0]), int(ys[-1]), nh)
+    cols1 = reached(*maps1[:2], int(xs[0]), int(xs[-1]), nw)
+    if rows1 is None or cols1 is None:
+        return out
+    identity = (nh, nw) == (h, w)
+    if identity:
+        rows, cols = rows1, cols1
+    else:
+        maps_r, maps_c = axis_map(nh, h), axis_map(nw, w)
+        rows = reached(*maps_r[:2], rows1[0], rows1[1] - 1, h)
+        cols = reached(*maps_c[:2], cols1[0], cols1[1] - 1, w)
+        if rows is None or cols is None:
+            return out
+    if (rows[1] - rows[0]) * (cols[1] - cols[0]) > WHOLE_IMAGE_FRACTION * h * w:
+        out[:] = (resize_logits(low_res[None], img_size, input_size, original_size)[0] > threshold).numpy()
+        return out
+    if identity:
+        need_r, need_c = rows, cols
+    else:  # stage-1 positions the stage-2 window reads (a superset of rows1/cols1 near the edges)
+        need_r = (int(maps_r[0][rows[0]]), int(maps_r[1][rows[1] - 1]) + 1)
+        need_c = (int(maps_c[0][cols[0]]), int(maps_c[1][cols[1] - 1]) + 1)
+    sel1_r = tuple(m[need_r[0]:need_r[1]] for m in maps1)
+    sel1_c = tuple(m[need_c[0]:need_c[1]] for m in maps1)
+    src_r = (int(sel1_r[0][0]), int(sel1_r[1][-1]) + 1)
+    src_c = (int(sel1_c[0][0]), int(sel1_c[1][-1]) + 1)
+    window = low_res[src_r[0]:src_r[1], src_c[0]:src_c[1]].float()
+    values = _resize_window(window, sel1_r, sel1_c, src_r[0], src_c[0])
+    if not identity:
+        sel2_r = tuple(m[rows[0]:rows[1]] for m in maps_r)
+        sel2_c = tuple(m[cols[0]:cols[1]] for m in maps_c)
+        values = _resize_window(values, sel2_r, sel2_c, need_r[0], need_c[0])
+    out[rows[0]:rows[1], cols[0]:cols[1]] = (values > threshold).numpy()
+    return out
+
+
+def resize_logits(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                  original_size: tuple[int, int]) -> torch.Tensor:
+    """The reference resize of (K, s, s) logits to (K, H, W): bilinear to the padded input size, crop,
+    bilinear to the original size (skipped when it is the identity)."""
+    x = F.interpolate(low_res[:, None].float(), (img_size, img_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    if tuple(input_size) != tuple(original_size):
+        x = F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
+    return x[:, 0]
