@@ -63,7 +63,7 @@ register_model(ModelSpec(
     "MobileSAM (TinyViT-5M, decoupled distillation)",
 ))
 register_model(ModelSpec(
-    "demo", "demo.pth", None, "7eb9f17dcd32194c8aaf6ff548997dd5610a17eccec206e862698ce3a1a95cdc", DEMO,
+    "demo", "demo.pth", None, "22ff5d99326f225e19d5d28de1b85895e833ca0c4120c66a47dc2c19602cc62c", DEMO,
     "small demo model trained from scratch on the synthetic world: meaningful but weak masks, for tests and "
     "demos (bundled; `tinysam train-demo` reproduces it; quality in docs/training.md)",
     bundled=True,

@@ -47,7 +47,7 @@ def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
 
 def demo_refine_config(out_dir: str | Path, init_checkpoint: str | Path, **overrides) -> SupervisedConfig:
     """Stage 2: the full world at 256 px only, from stage 1's weights, at a lower learning rate."""
-    cfg = replace(demo_training_config(out_dir), steps=2200, warm_steps=0, lr=1e-3, warmup=10, seed=1,
+    cfg = replace(demo_training_config(out_dir), steps=800, warm_steps=0, lr=1e-3, warmup=10, seed=1,
                   init_checkpoint=str(init_checkpoint))
     return replace(cfg, **overrides)
 
@@ -55,7 +55,7 @@ def demo_refine_config(out_dir: str | Path, init_checkpoint: str | Path, **overr
 def demo_batchnorm_config(out_dir: str | Path, init_checkpoint: str | Path, **overrides) -> SupervisedConfig:
     """Stage 3: BatchNorm statistics re-estimated over 256 images, then fine-tuning with them frozen, so the
     weights work with the running statistics every runtime uses (see `SupervisedConfig.frozen_batchnorm`)."""
-    cfg = replace(demo_training_config(out_dir), steps=600, warm_steps=0, lr=5e-4, warmup=10, seed=2,
+    cfg = replace(demo_training_config(out_dir), steps=1000, warm_steps=0, lr=5e-4, warmup=10, seed=2,
                   init_checkpoint=str(init_checkpoint), recalibrate_batchnorm=256, frozen_batchnorm=True)
     return replace(cfg, **overrides)
 
