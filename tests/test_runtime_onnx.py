@@ -162,6 +162,26 @@ def test_quantization_report(quantized):
     assert on_disk["chosen"] == report["chosen"]
     manifest = json.loads((work / f"{stem}.int8.onnx.json").read_text())
     assert manifest["precision"] == "int8" and manifest["recipe"] == report["chosen"]
+    # the decoders stay fp32 unless asked: same graph bytes as the fp32 export, stamped as such
+    import onnx
+
+    assert report["decoder_prompt"] == "fp32"
+    meta = {m.key: m.value for m in onnx.load(str(work / f"{stem}.int8.decoder_prompt.onnx")).metadata_props}
+    assert meta["recipe"] == "fp32" and meta["precision"] == "int8"
+    ops = {n.op_type for n in onnx.load(str(work / f"{stem}.int8.decoder_prompt.onnx")).graph.node}
+    assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+
+def test_decoder_quantization_on_request(tiny_export, tmp_path):
+    import onnx
+
+    from tinysam_kit.runtime.quantize import quantize_decoder_prompt
+
+    directory, stem, _ = tiny_export
+    out = tmp_path / "decoder_prompt.int8.onnx"
+    quantize_decoder_prompt(directory / f"{stem}.fp32.decoder_prompt.onnx", out)
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
 def test_int8_engine_fidelity(quantized):
