@@ -285,6 +285,12 @@ class TinySamPredictor:
         """Input-frame prompts → (low-res logits of all tokens (B, 4, s, s), IoU predictions (B, 4))."""
         return self.engine.decode(state.embedding, coords, labels, boxes, mask_input)
 
+    def _decode_prompts(self, image_embedding, point_coords, point_labels, boxes, mask_input, batched=False):
+        """Validated user prompts → (state, low-res logits of all tokens, IoU predictions)."""
+        state = self._state(image_embedding)
+        prompts = self.prepare_prompts(state, point_coords, point_labels, boxes, mask_input, batched=batched)
+        return (state, *self.decode(state, *prompts))
+
     def iter_upsampled(self, low_res: torch.Tensor, state: ImageEmbedding,
                        pixel_budget: int = UPSAMPLE_PIXEL_BUDGET) -> Iterator[tuple[int, torch.Tensor]]:
         """Full-resolution logits of (K, s, s) low-res logits, in chunks bounded in memory.
@@ -310,9 +316,9 @@ class TinySamPredictor:
         `upsample_logits` but interpolating only where a mask can be true."""
         h, w = state.original_size
         out = np.empty((low_res.shape[0], h, w), dtype=bool)
-        for i, logits in enumerate(low_res):
-            out[i] = mask_from_low_res(logits, self.img_size, state.input_size, state.original_size,
-                                       self.engine_threshold)
+        for logits, mask in zip(low_res, out):
+            mask_from_low_res(logits, self.img_size, state.input_size, state.original_size,
+                              self.engine_threshold, out=mask)
         return out
 
     def _finish(self, low_res, iou, state, multimask_output, return_logits):
@@ -334,18 +340,14 @@ class TinySamPredictor:
                 multimask_output: bool = True, return_logits: bool = False,
                 image_embedding: ImageEmbedding | None = None):
         """One prompt → (masks (K, H, W) bool, predicted IoUs (K,), low-res logits (K, s, s)); K = 3 or 1."""
-        state = self._state(image_embedding)
-        coords, labels, boxes, mask = self.prepare_prompts(state, point_coords, point_labels, box, mask_input)
-        low_res, iou = self.decode(state, coords, labels, boxes, mask)
+        state, low_res, iou = self._decode_prompts(image_embedding, point_coords, point_labels, box, mask_input)
         masks, scores, logits = self._finish(low_res, iou, state, multimask_output, return_logits)
         return masks[0], scores[0], logits[0]
 
     def predict_best(self, point_coords=None, point_labels=None, box=None, mask_input=None,
                      image_embedding: ImageEmbedding | None = None) -> tuple[np.ndarray, float]:
         """The mask with the highest predicted IoU of the three, and that IoU (only it is upsampled)."""
-        state = self._state(image_embedding)
-        coords, labels, boxes, mask = self.prepare_prompts(state, point_coords, point_labels, box, mask_input)
-        low_res, iou = self.decode(state, coords, labels, boxes, mask)
+        state, low_res, iou = self._decode_prompts(image_embedding, point_coords, point_labels, box, mask_input)
         best = 1 + int(torch.argmax(iou[0, 1:]))
         return self.masks_from_low_res(low_res[0, best:best + 1], state)[0], float(iou[0, best])
 
@@ -354,8 +356,6 @@ class TinySamPredictor:
                       image_embedding: ImageEmbedding | None = None):
         """B prompts (point sets (B, N, 2) and/or boxes (B, 4)) in one decoder call →
         masks (B, K, H, W), IoUs (B, K), low-res logits (B, K, s, s)."""
-        state = self._state(image_embedding)
-        coords, labels, boxes_t, mask = self.prepare_prompts(state, point_coords, point_labels, boxes,
-                                                             mask_input, batched=True)
-        low_res, iou = self.decode(state, coords, labels, boxes_t, mask)
+        state, low_res, iou = self._decode_prompts(image_embedding, point_coords, point_labels, boxes, mask_input,
+                                                   batched=True)
         return self._finish(low_res, iou, state, multimask_output, return_logits)

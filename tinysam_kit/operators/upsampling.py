@@ -61,54 +61,65 @@ def _resize_window(x: torch.Tensor, rows: tuple[torch.Tensor, ...], cols: tuple[
 
 
 def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
-                      original_size: tuple[int, int], threshold: float = 0.0) -> np.ndarray:
-    """(s, s) logits → (H, W) bool mask equal to `resize(resize(low_res)[:h, :w]) > threshold`."""
+                      original_size: tuple[int, int], threshold: float = 0.0,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """(s, s) logits → (H, W) bool mask equal to `resize(resize(low_res)[:h, :w]) > threshold`, written into
+    `out` when given."""
     h, w = original_size
-    nh, nw = input_size
-    out = np.zeros((h, w), dtype=bool)
-    if threshold < 0:  # a negative threshold makes every pixel a candidate: no window to exploit
+    if out is None:
+        out = np.empty((h, w), dtype=bool)
+    window = None if threshold < 0 else _true_window(low_res, img_size, input_size, original_size, threshold)
+    if window is None:  # a negative threshold makes every pixel a candidate, or the window is most of it
         out[:] = (resize_logits(low_res[None], img_size, input_size, original_size)[0] > threshold).numpy()
         return out
+    out[:] = False
+    if window == ():
+        return out
+    rows, cols, stage1_rows, stage1_cols = window
+    maps1 = axis_map(low_res.shape[-1], img_size)
+    sel1_r = tuple(m[stage1_rows[0]:stage1_rows[1]] for m in maps1)
+    sel1_c = tuple(m[stage1_cols[0]:stage1_cols[1]] for m in maps1)
+    src_r = (int(sel1_r[0][0]), int(sel1_r[1][-1]) + 1)
+    src_c = (int(sel1_c[0][0]), int(sel1_c[1][-1]) + 1)
+    patch = low_res[src_r[0]:src_r[1], src_c[0]:src_c[1]].float()
+    values = _resize_window(patch, sel1_r, sel1_c, src_r[0], src_c[0])
+    if tuple(input_size) != (h, w):
+        sel2_r = tuple(m[rows[0]:rows[1]] for m in axis_map(input_size[0], h))
+        sel2_c = tuple(m[cols[0]:cols[1]] for m in axis_map(input_size[1], w))
+        values = _resize_window(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0])
+    out[rows[0]:rows[1], cols[0]:cols[1]] = (values > threshold).numpy()
+    return out
+
+
+def _true_window(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                 original_size: tuple[int, int], threshold: float):
+    """Where the mask can be true: (output rows, output cols, stage-1 rows, stage-1 cols) as [a, b) ranges;
+    () when nowhere; None when the window is so large that the whole-image resize is cheaper."""
+    h, w = original_size
+    nh, nw = input_size
     positive = low_res.float().numpy() > threshold
     ys = np.flatnonzero(positive.any(axis=1))
     if len(ys) == 0:
-        return out
+        return ()
     xs = np.flatnonzero(positive.any(axis=0))
-    s = low_res.shape[-1]
-    maps1 = axis_map(s, img_size)
-    rows1 = reached(*maps1[:2], int(ys[0]), int(ys[-1]), nh)
-    cols1 = reached(*maps1[:2], int(xs[0]), int(xs[-1]), nw)
-    if rows1 is None or cols1 is None:
-        return out
-    identity = (nh, nw) == (h, w)
-    if identity:
-        rows, cols = rows1, cols1
-    else:
+    maps1 = axis_map(low_res.shape[-1], img_size)
+    rows = reached(*maps1[:2], int(ys[0]), int(ys[-1]), nh)
+    cols = reached(*maps1[:2], int(xs[0]), int(xs[-1]), nw)
+    if rows is None or cols is None:
+        return ()
+    stage1_rows, stage1_cols = rows, cols
+    if (nh, nw) != (h, w):
         maps_r, maps_c = axis_map(nh, h), axis_map(nw, w)
-        rows = reached(*maps_r[:2], rows1[0], rows1[1] - 1, h)
-        cols = reached(*maps_c[:2], cols1[0], cols1[1] - 1, w)
+        rows = reached(*maps_r[:2], rows[0], rows[1] - 1, h)
+        cols = reached(*maps_c[:2], cols[0], cols[1] - 1, w)
         if rows is None or cols is None:
-            return out
+            return ()
+        # the stage-1 positions the stage-2 window reads (a superset of the positive ones near the edges)
+        stage1_rows = (int(maps_r[0][rows[0]]), int(maps_r[1][rows[1] - 1]) + 1)
+        stage1_cols = (int(maps_c[0][cols[0]]), int(maps_c[1][cols[1] - 1]) + 1)
     if (rows[1] - rows[0]) * (cols[1] - cols[0]) > WHOLE_IMAGE_FRACTION * h * w:
-        out[:] = (resize_logits(low_res[None], img_size, input_size, original_size)[0] > threshold).numpy()
-        return out
-    if identity:
-        need_r, need_c = rows, cols
-    else:  # stage-1 positions the stage-2 window reads (a superset of rows1/cols1 near the edges)
-        need_r = (int(maps_r[0][rows[0]]), int(maps_r[1][rows[1] - 1]) + 1)
-        need_c = (int(maps_c[0][cols[0]]), int(maps_c[1][cols[1] - 1]) + 1)
-    sel1_r = tuple(m[need_r[0]:need_r[1]] for m in maps1)
-    sel1_c = tuple(m[need_c[0]:need_c[1]] for m in maps1)
-    src_r = (int(sel1_r[0][0]), int(sel1_r[1][-1]) + 1)
-    src_c = (int(sel1_c[0][0]), int(sel1_c[1][-1]) + 1)
-    window = low_res[src_r[0]:src_r[1], src_c[0]:src_c[1]].float()
-    values = _resize_window(window, sel1_r, sel1_c, src_r[0], src_c[0])
-    if not identity:
-        sel2_r = tuple(m[rows[0]:rows[1]] for m in maps_r)
-        sel2_c = tuple(m[cols[0]:cols[1]] for m in maps_c)
-        values = _resize_window(values, sel2_r, sel2_c, need_r[0], need_c[0])
-    out[rows[0]:rows[1], cols[0]:cols[1]] = (values > threshold).numpy()
-    return out
+        return None
+    return rows, cols, stage1_rows, stage1_cols
 
 
 def resize_logits(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],

@@ -79,6 +79,19 @@ def token_to_image(attn: nn.Module, q_tokens: torch.Tensor, k_image: torch.Tenso
     return attn.out_proj(out)
 
 
+def _head_eye(x: torch.Tensor) -> torch.Tensor:
+    """(1, H, 1, H, 1) identity over the heads of `x` (B, H, T, d), broadcastable as a block-diagonal mask."""
+    heads = x.shape[1]
+    return torch.eye(heads, dtype=x.dtype, device=x.device).reshape(1, heads, 1, heads, 1)
+
+
+def _block_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, d) → (B, H·T, H·d) with head h's (T, d) block on the diagonal: one product against an
+    N-long (N, H·d) tensor then gives every head's scores without splitting the long tensor into heads."""
+    b, heads, t, d = x.shape
+    return (x.unsqueeze(3) * _head_eye(x)).reshape(b, heads * t, heads * d)
+
+
 def _softmax_over_axis2(x: torch.Tensor) -> torch.Tensor:
     e = torch.exp(x - x.amax(dim=2, keepdim=True))
     return e / e.sum(dim=2, keepdim=True)
@@ -92,11 +105,10 @@ def token_to_cached_image(attn: nn.Module, q_tokens: torch.Tensor, k_projected: 
     heads = attn.num_heads
     q = _heads(attn.q_proj(q_tokens), heads)  # (B, H, T, d)
     b, _, t, d = q.shape
-    eye = torch.eye(heads, dtype=q.dtype, device=q.device).reshape(1, heads, 1, heads, 1)
-    block = (q.unsqueeze(3) * eye).reshape(b, heads * t, heads * d) * (1.0 / math.sqrt(d))
+    block = _block_diagonal(q) * (1.0 / math.sqrt(d))
     weights = torch.softmax(block @ k_projected.transpose(1, 2), dim=-1)  # (B, H·T, N)
     pooled = (weights @ v_projected).reshape(b, heads, t, heads, d)  # every head's weights × all heads' values
-    out = (pooled * eye).sum(dim=3)  # keep head h's values for head h's weights
+    out = (pooled * _head_eye(q)).sum(dim=3)  # keep head h's values for head h's weights
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
 
 
@@ -120,9 +132,7 @@ def image_to_token(attn: nn.Module, q_image: torch.Tensor | None, k_tokens: torc
         scores = folded.transpose(1, 2) @ q_image.transpose(1, 2) + offset.transpose(1, 2)  # (B, H·T, N)
     else:
         # block-diagonal keys: head h's queries only meet head h's keys
-        eye = torch.eye(heads, dtype=k.dtype, device=k.device).reshape(1, heads, 1, heads, 1)
-        block = (k.transpose(2, 3).unsqueeze(3) * eye).reshape(b, heads * d, heads * t) * scale
-        scores = block.transpose(1, 2) @ q_projected.transpose(1, 2)
+        scores = (_block_diagonal(k) * scale) @ q_projected.transpose(1, 2)
     # scores are laid out (B, H·T, N) and the softmax over a head's T tokens is written out along axis 2:
     # every step then runs over N-long rows (PyTorch's softmax over a last axis of T ≈ 7 is several times
     # slower, and ONNX Runtime's over a middle axis transposes twice)
@@ -140,7 +150,7 @@ class DecoderPromptSide(nn.Module):
     """(image-side tensors, sparse prompt embeddings (B, T, C)) → logits (B, 4, 4e, 4e), IoU (B, 4).
 
     The cross-attentions run in the folded form of `token_to_image` / `image_to_token`: the same function
-    with about half the arithmetic for prompts of up to a dozen points (float rounding differs, ≤ 1e-4).
+    with about half the arithmetic for prompts of up to a dozen points (float rounding differs).
     """
 
     def __init__(self, model: TinySam, gemm_upscale: bool = True) -> None:

@@ -241,12 +241,9 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
         load_weights(model, read_state_dict(cfg.init_checkpoint), source=cfg.init_checkpoint)
     model = model.to(device).train()
     world = SyntheticWorld(cfg.world_seed, world_cfg)
-    if cfg.recalibrate_batchnorm:
-        recalibrate_batchnorm(model, world, cfg.recalibrate_batchnorm, device)
     if cfg.frozen_batchnorm:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in batchnorms(model):
+            m.eval()
     nets = {model_config.img_size: model}
     if cfg.warm_steps > 0:
         if model_config.img_size % cfg.warm_size or cfg.warm_size % 16:
@@ -263,6 +260,8 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
     if resume and state_path.is_file():
         step = load_state(state_path, model=model, optimizer=optimizer, scaler=scaler, meta=cfg.resume_key())
         log(f"resumed from {state_path} at step {step}")
+    elif cfg.recalibrate_batchnorm:  # a resumed run has the statistics in its state already
+        recalibrate_batchnorm(model, world, cfg.recalibrate_batchnorm, device)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -312,11 +311,15 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
     return final
 
 
+def batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def recalibrate_batchnorm(model: TinySam, world: SyntheticWorld, images: int, device: torch.device,
                           batch: int = 8) -> None:
-    """Replace the BatchNorm running statistics by their plain average over `images` world images (from the
-    end of the index range the training runs draw, so no training image is reused in a skewed way)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    """Replace the BatchNorm running statistics by their plain average over `images` world images: the last
+    indices before the held-out range, which training runs (counting up from 0) do not reach."""
+    bns = batchnorms(model)
     if not bns:
         return
     saved = [(m.momentum, m.training) for m in bns]
