@@ -15,7 +15,9 @@ import torch
 from fiftyone_helpers import PLUGIN_URI, fiftyone_env, make_images
 
 N_IMAGES = 10
-PARAMS = {"points_per_side": 16, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+# Written two samples at a time, each taking a noticeable moment (a 32² grid), so the first write is seen
+# well before the last image is done however fast the machine is.
+PARAMS = {"points_per_side": 32, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "write_batch": 2}
 
 
 @pytest.fixture(scope="module")

@@ -86,9 +86,16 @@ def _common_spec(ctx, task: str) -> dict:
         mask_dir = p.get("mask_dir")
         if not mask_dir:
             raise RunError("'Store masks on disk' needs a mask directory")
+    try:  # samples per database write: a smaller batch saves progress more often (for the API; not in forms)
+        write_batch = int(p.get("write_batch", 16))
+    except (TypeError, ValueError):
+        write_batch = 0
+    if write_batch < 1:
+        raise RunError(f"write_batch must be a positive integer, got {p.get('write_batch')!r}")
     return dict(task=task, label_field=(p.get("label_field") or "").strip(), model=p.get("model") or default_model(),
                 engine=p.get("engine", "torch"), precision=p.get("precision", "fp32"),
-                device=p.get("device", "auto"), overwrite=bool(p.get("overwrite", False)), mask_dir=mask_dir)
+                device=p.get("device", "auto"), overwrite=bool(p.get("overwrite", False)), mask_dir=mask_dir,
+                write_batch=write_batch)
 
 
 def _progress(ctx):
