@@ -50,12 +50,13 @@ def test_demo_file_is_small_verified_and_in_the_official_layout():
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-# Measured on this checkpoint (16 held-out images, 77 objects): centre click 0.69, random click 0.65,
-# box 0.69; everything mode (6 images, 28 objects) recall 0.46 at pred_iou_thresh 0.5 / stability 0.8
-# (the previous checkpoint, without the frozen-BatchNorm stage: 0.52 / 0.48 / 0.53 / 0.36). Floors below
-# guard against regressions (a random model scores ~0.05). The acceptance criteria (click 0.85,
-# box 0.9, recall 0.8) are not reached yet; raise these floors to them when a better-trained model lands.
-CLICK_FLOOR, BOX_FLOOR, RECALL_FLOOR = 0.65, 0.65, 0.4
+# Measured on this checkpoint (16 held-out images, 77 objects): centre click 0.73, random click 0.68,
+# box 0.73; everything mode (6 images, 28 objects) recall 0.61 at pred_iou_thresh 0.5 / stability 0.8
+# (the previous checkpoints: 0.69 / 0.65 / 0.69 / 0.46, and before the frozen-BatchNorm stage 0.52 / 0.48 /
+# 0.53 / 0.36). Floors below guard against regressions (a random model scores ~0.05). The issue's
+# acceptance criteria (click 0.85, box 0.9, recall 0.8) are not reached yet; raise these floors to them
+# when a better-trained model lands.
+CLICK_FLOOR, BOX_FLOOR, RECALL_FLOOR = 0.70, 0.70, 0.55
 
 
 def test_one_click_inside_an_object_mostly_returns_that_object(prompt_quality):

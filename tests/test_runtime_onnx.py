@@ -162,26 +162,37 @@ def test_quantization_report(quantized):
     assert on_disk["chosen"] == report["chosen"]
     manifest = json.loads((work / f"{stem}.int8.onnx.json").read_text())
     assert manifest["precision"] == "int8" and manifest["recipe"] == report["chosen"]
-    # the decoders stay fp32 unless asked: same graph bytes as the fp32 export, stamped as such
+    # by default only the first upscaling product of the per-prompt decoder is int8; the image side stays fp32
     import onnx
 
-    assert report["decoder_prompt"] == "fp32"
-    meta = {m.key: m.value for m in onnx.load(str(work / f"{stem}.int8.decoder_prompt.onnx")).metadata_props}
-    assert meta["recipe"] == "fp32" and meta["precision"] == "int8"
-    ops = {n.op_type for n in onnx.load(str(work / f"{stem}.int8.decoder_prompt.onnx")).graph.node}
-    assert not ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    assert report["decoder_prompt"] == "upscale"
+    prompt_graph = onnx.load(str(work / f"{stem}.int8.decoder_prompt.onnx"))
+    meta = {m.key: m.value for m in prompt_graph.metadata_props}
+    assert meta["recipe"] == "dynamic upscale" and meta["precision"] == "int8"
+    assert [n.name for n in prompt_graph.graph.node if n.op_type == "MatMulInteger"] == \
+        ["/side/upscale1/MatMul_quant"]
+    image_graph = onnx.load(str(work / f"{stem}.int8.decoder_image.onnx"))
+    assert {m.key: m.value for m in image_graph.metadata_props}["recipe"] == "fp32"
+    assert not {n.op_type for n in image_graph.graph.node} & {"DynamicQuantizeLinear", "MatMulInteger"}
 
 
-def test_decoder_quantization_on_request(tiny_export, tmp_path):
+def _quantized_matmuls(path) -> int:
     import onnx
 
-    from tinysam_kit.runtime.quantize import quantize_decoder_prompt
+    return sum(n.op_type == "MatMulInteger" for n in onnx.load(str(path)).graph.node)
+
+
+def test_decoder_quantization_scopes(tiny_export, tmp_path):
+    from tinysam_kit.runtime.quantize import QuantizationError, quantize_decoder_prompt
 
     directory, stem, _ = tiny_export
-    out = tmp_path / "decoder_prompt.int8.onnx"
-    quantize_decoder_prompt(directory / f"{stem}.fp32.decoder_prompt.onnx", out)
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+    src = directory / f"{stem}.fp32.decoder_prompt.onnx"
+    assert quantize_decoder_prompt(src, tmp_path / "upscale.onnx", "upscale") == 1
+    assert _quantized_matmuls(tmp_path / "upscale.onnx") == 1
+    assert quantize_decoder_prompt(src, tmp_path / "all.onnx", "all") > 10
+    assert _quantized_matmuls(tmp_path / "all.onnx") > 10  # (weight Gemms of one token row stay float)
+    with pytest.raises(QuantizationError, match="unknown decoder quantization scope"):
+        quantize_decoder_prompt(src, tmp_path / "x.onnx", "attention")
 
 
 def test_int8_engine_fidelity(quantized):

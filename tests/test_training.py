@@ -250,7 +250,7 @@ def test_supervised_training_smoke(tmp_path):
 
 
 def test_batchnorm_recalibration_then_frozen_fine_tuning(tmp_path):
-    """Stage 3 of the demo recipe: running statistics re-estimated on world images, then kept fixed while
+    """Stage 2 of the demo recipe: running statistics re-estimated on world images, then kept fixed while
     the weights train (inference-mode BatchNorm)."""
     from tinysam_kit.models.checkpoint import read_state_dict
     from tinysam_kit.models.sam import build_model

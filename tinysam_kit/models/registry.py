@@ -63,7 +63,7 @@ register_model(ModelSpec(
     "MobileSAM (TinyViT-5M, decoupled distillation)",
 ))
 register_model(ModelSpec(
-    "demo", "demo.pth", None, "22ff5d99326f225e19d5d28de1b85895e833ca0c4120c66a47dc2c19602cc62c", DEMO,
+    "demo", "demo.pth", None, "66cd623866b0bb680034e9d006af71111ddfbba604b57f8d88fcee1d2e5202fc", DEMO,
     "small demo model trained from scratch on the synthetic world: meaningful but weak masks, for tests and "
     "demos (bundled; `tinysam train-demo` reproduces it; quality in docs/training.md)",
     bundled=True,

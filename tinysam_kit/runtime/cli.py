@@ -24,8 +24,9 @@ def register(subparsers) -> None:
                    help="comma-separated recipes to compare: dynamic, dynamic_pc, static_qdq, static_qdq_guarded "
                         "(default: all)")
     q.add_argument("--prompts-per-image", type=int, default=32, help="random point prompts per held-out image")
-    q.add_argument("--quantize-decoder", action="store_true",
-                   help="also give the per-prompt decoder int8 MatMuls (~10 %% faster clicks, lower mask fidelity)")
+    q.add_argument("--decoder-int8", choices=("fp32", "upscale", "all"), default="upscale",
+                   help="per-prompt decoder products made int8: none (fp32), the first upscaling product "
+                        "(upscale, default) or every weight MatMul (all: faster clicks, lower mask fidelity)")
     q.add_argument("--threads", type=int, default=None, help="CPU threads for the timing and fidelity runs")
     q.add_argument("--out", help="directory of the fp32 export (default: next to the weights)")
     q.set_defaults(func=cmd_quantize)
@@ -64,7 +65,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         directory, stem, _ = ensure_export(_model(args), directory=args.out, log=print)
         report = quantize_model(directory, stem, calibration=args.calibration, holdout=args.holdout,
                                 recipes=recipes, threads=args.threads, prompts_per_image=args.prompts_per_image,
-                                quantize_decoder=args.quantize_decoder)
+                                decoder=args.decoder_int8)
     except (ExportError, QuantizationError) as exc:
         return _fail(exc)
     print(report_summary(report))

@@ -136,9 +136,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (recipe: 1, deterministic)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--stages", type=int, choices=(1, 2, 3), default=3,
-                   help="1: the from-scratch curriculum only; 2: plus the 256-px refinement stage; 3 (recipe): "
-                        "plus fine-tuning with re-estimated, frozen BatchNorm statistics")
+    p.add_argument("--stages", type=int, choices=(1, 2), default=2,
+                   help="1: the from-scratch curriculum only; 2 (recipe): plus training at 256 px with "
+                        "re-estimated, frozen BatchNorm statistics")
     p.add_argument("--install", action="store_true",
                    help="copy the result into the package as tinysam_kit/models/weights/demo.pth")
     p.set_defaults(func=_train_demo)

@@ -45,17 +45,11 @@ def demo_training_config(out_dir: str | Path, **overrides) -> SupervisedConfig:
     return replace(cfg, **overrides)
 
 
-def demo_refine_config(out_dir: str | Path, init_checkpoint: str | Path, **overrides) -> SupervisedConfig:
-    """Stage 2: the full world at 256 px only, from stage 1's weights, at a lower learning rate."""
-    cfg = replace(demo_training_config(out_dir), steps=800, warm_steps=0, lr=1e-3, warmup=10, seed=1,
-                  init_checkpoint=str(init_checkpoint))
-    return replace(cfg, **overrides)
-
-
 def demo_batchnorm_config(out_dir: str | Path, init_checkpoint: str | Path, **overrides) -> SupervisedConfig:
-    """Stage 3: BatchNorm statistics re-estimated over 256 images, then fine-tuning with them frozen, so the
-    weights work with the running statistics every runtime uses (see `SupervisedConfig.frozen_batchnorm`)."""
-    cfg = replace(demo_training_config(out_dir), steps=1000, warm_steps=0, lr=5e-4, warmup=10, seed=2,
+    """Stage 2: BatchNorm statistics re-estimated over 256 images, then training at 256 px with them frozen,
+    so the weights work with the running statistics every runtime uses (see
+    `SupervisedConfig.frozen_batchnorm`)."""
+    cfg = replace(demo_training_config(out_dir), steps=1800, warm_steps=0, lr=1e-3, warmup=10, seed=2,
                   init_checkpoint=str(init_checkpoint), recalibrate_batchnorm=256, frozen_batchnorm=True)
     return replace(cfg, **overrides)
 
@@ -70,9 +64,9 @@ def _split_batches(cfg: SupervisedConfig, world: int) -> SupervisedConfig:
     return replace(cfg, batch_images=cfg.batch_images // world, warm_batch_images=cfg.warm_batch_images // world)
 
 
-def train_demo(out_dir: str | Path, install: bool = False, log=print, stages: int = 3, **overrides) -> Path:
-    """Train the demo model into `out_dir`/stage1, /stage2 and /stage3 (each resumes if interrupted);
-    `install` copies the result into the package weights as demo.pth with its config sidecar."""
+def train_demo(out_dir: str | Path, install: bool = False, log=print, stages: int = 2, **overrides) -> Path:
+    """Train the demo model into `out_dir`/stage1 and /stage2 (each resumes if interrupted); `install`
+    copies the result into the package weights as demo.pth with its config sidecar."""
     import torch.distributed as dist
 
     from .loop import distributed_from_env
@@ -82,10 +76,10 @@ def train_demo(out_dir: str | Path, install: bool = False, log=print, stages: in
     final = train_supervised(_split_batches(demo_training_config(out_dir / "stage1", **overrides),
                                             ctx.world_size), log=log)
     later = {k: v for k, v in overrides.items() if k in ("device", "threads", "amp")}
-    for stage, make in ((2, demo_refine_config), (3, demo_batchnorm_config))[: max(0, stages - 1)]:
+    if stages >= 2:
         if dist.is_initialized():
-            dist.barrier()  # every rank starts the next stage from the file rank 0 has just written
-        final = train_supervised(_split_batches(make(out_dir / f"stage{stage}", final, **later),
+            dist.barrier()  # every rank starts stage 2 from the file rank 0 has just written
+        final = train_supervised(_split_batches(demo_batchnorm_config(out_dir / "stage2", final, **later),
                                                 ctx.world_size), log=log)
     if install and ctx.is_main:
         from ..models.registry import PACKAGE_WEIGHTS
