@@ -74,9 +74,22 @@ def _everything_worker(queue, model, spec, threads, export_dir, image, mode, par
     seconds = time.perf_counter() - t0
     masks = [r["segmentation"] for r in records]
     queue.put({"seconds": seconds, "prompts": stats.get("prompts_decoded"), "records": len(records),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_rss_mb": peak_rss_mb(),
                "masks": np.packbits(np.stack(masks), axis=-1) if masks else None,
                "shape": image.shape[:2]})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space, which exec replaces; the
+    rusage maximum survives exec, so a worker spawned by a parent holding 2 GB of models would report 2 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_everything(model, spec, threads, export_dir, image, mode, params) -> dict:

@@ -51,12 +51,13 @@ def test_demo_file_is_small_verified_and_in_the_official_layout():
 
 
 # Measured on this checkpoint (16 held-out images, 77 objects): centre click 0.73, random click 0.68,
-# box 0.73; everything mode (6 images, 28 objects) recall 0.61 at pred_iou_thresh 0.5 / stability 0.8
+# box 0.73; everything mode (6 images, 28 objects) recall 0.89 at the registered thresholds (pred_iou 0.5 /
+# stability 0.6, chosen on other images), 0.61 at stability 0.8
 # (the previous checkpoints: 0.69 / 0.65 / 0.69 / 0.46, and before the frozen-BatchNorm stage 0.52 / 0.48 /
-# 0.53 / 0.36). Floors below guard against regressions (a random model scores ~0.05). The issue's
-# acceptance criteria (click 0.85, box 0.9, recall 0.8) are not reached yet; raise these floors to them
-# when a better-trained model lands.
-CLICK_FLOOR, BOX_FLOOR, RECALL_FLOOR = 0.70, 0.70, 0.55
+# 0.53 / 0.36). Floors below guard against regressions (a random model scores ~0.05). Everything-mode
+# recall is asserted at the acceptance level (0.8); click (0.85) and box (0.9) are not reached yet:
+# raise those floors to them when a better-trained model lands.
+CLICK_FLOOR, BOX_FLOOR, RECALL_FLOOR = 0.70, 0.70, 0.8
 
 
 def test_one_click_inside_an_object_mostly_returns_that_object(prompt_quality):
@@ -69,9 +70,11 @@ def test_a_box_mostly_returns_its_object(prompt_quality):
     assert prompt_quality["box_miou"] >= BOX_FLOOR, prompt_quality
 
 
-def test_everything_mode_finds_objects_at_relaxed_thresholds(predictor):
+def test_everything_mode_finds_objects_at_the_registered_thresholds(predictor):
+    from tinysam_kit.models.registry import recommended_everything_params
+
     result = evaluate_everything(predictor, SyntheticWorld(seed=0), held_out_indices(6, start=100),
-                                 pred_iou_thresh=0.5, stability_score_thresh=0.8)
+                                 **recommended_everything_params("demo"))
     assert result["objects"] >= 20
     assert result["recall"] >= RECALL_FLOOR, result
 

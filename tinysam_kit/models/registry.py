@@ -67,8 +67,10 @@ register_model(ModelSpec(
     "small demo model trained from scratch on the synthetic world: meaningful but weak masks, for tests and "
     "demos (bundled; `tinysam train-demo` reproduces it; quality in docs/training.md)",
     bundled=True,
-    # Its IoU head rarely predicts above SAM's 0.88: with the defaults it would find nothing.
-    everything_defaults={"pred_iou_thresh": 0.5, "stability_score_thresh": 0.8},
+    # Its IoU head rarely predicts above SAM's 0.88 and its soft logits score low on stability: with SAM's
+    # defaults it finds nothing. Chosen on validation images (world indices from HELD_OUT_START + 300):
+    # recall rises as the stability threshold falls, to a plateau from 0.6 down (docs/training.md).
+    everything_defaults={"pred_iou_thresh": 0.5, "stability_score_thresh": 0.6},
 ))
 
 

@@ -310,9 +310,9 @@ def points_with_boxes(point_coords: torch.Tensor | None, point_labels: torch.Ten
 
 # Prompts decoded per call. The per-prompt upscaling tensors are ~8 MB each at 1024 px input (16·HW × 32
 # floats), so large batches are memory-bound and pin memory (in ONNX Runtime's arena for the session's life).
-# Measured, hierarchical everything mode on a 1024-px image: peak RSS 1570 → 960 MB (ONNX int8) and
-# 1039 → 843 MB (PyTorch) going from 16 to 8 prompts per call, for at most 8 % more time (4: 771 MB, +20 %).
-PROMPT_CHUNK = 8
+# Measured, hierarchical everything mode on a 1024-px image, 4 vs 8 prompts per call: peak RSS 815 vs
+# 1060 MB (ONNX int8), 730 vs 770 MB (PyTorch), with times equal within the machine's noise (±10 %).
+PROMPT_CHUNK = 4
 
 
 def decode_in_chunks(decode_fn, point_coords, point_labels, boxes, mask_input, chunk: int = PROMPT_CHUNK):
