@@ -198,7 +198,7 @@ def quantize_decoder_prompt(src: Path, dst: Path, scope: str = "all") -> int:
     product (`upscale`, see `fast_decoder.PixelUpscale`). Returns the number of quantized nodes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if scope not in ("all", "upscale"):
+    if scope not in DECODER_INT8_SCOPES or scope == "fp32":
         raise QuantizationError(f"unknown decoder quantization scope {scope!r} (all, upscale)")
     with tempfile.TemporaryDirectory() as tmp:
         prepared = _preprocessed(src, Path(tmp) / "prepared.onnx")
