@@ -57,3 +57,19 @@ def test_window_values_are_bit_identical_to_pytorch(shape, out):
     x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(0))
     ref = torch.nn.functional.interpolate(x, out, mode="bilinear", align_corners=False)[0, 0]
     assert torch.equal(_resize_window(x[0, 0], axis_map(shape[0], out[0]), axis_map(shape[1], out[1]), 0, 0), ref)
+
+
+def test_boundary_band_serves_compact_masks_and_the_whole_image_kernel_ragged_ones(monkeypatch):
+    from tinysam_kit.operators import upsampling
+
+    used = []
+    band = upsampling._threshold_band
+    monkeypatch.setattr(upsampling, "_threshold_band", lambda *a: used.append(a[-1].shape) or band(*a))
+    size, input_size = (3000, 4000), (768, 1024)
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    compact = 40 - torch.hypot(yy - 100, xx - 128)  # a large disc: most pixels are decided without arithmetic
+    ragged = torch.randn(256, 256, generator=torch.Generator().manual_seed(5))
+    for low in (compact, ragged):
+        expected = (resize_logits(low[None], 1024, input_size, size)[0] > 0).numpy()
+        assert np.array_equal(mask_from_low_res(low, 1024, input_size, size), expected)
+    assert len(used) == 1  # the compact mask; the ragged one goes to the whole-image kernel

@@ -18,9 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Above this fraction of the output, the whole-image kernel is faster than the gathered window.
-WHOLE_IMAGE_FRACTION = 0.5
-
 
 @lru_cache(maxsize=64)
 def axis_map(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,14 +65,23 @@ def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[in
     h, w = original_size
     if out is None:
         out = np.empty((h, w), dtype=bool)
+    resized = tuple(input_size) != (h, w)
     window = None if threshold < 0 else _true_window(low_res, img_size, input_size, original_size, threshold)
-    if window is None:  # a negative threshold makes every pixel a candidate, or the window is most of it
+    if window not in (None, ()) and _window_cost_ns(low_res, threshold, window, img_size, original_size) > \
+            _whole_cost_ns(img_size, original_size, resized):
+        window = None
+    if window is None:  # a negative threshold makes every pixel a candidate, or the window costs more
         out[:] = (resize_logits(low_res[None], img_size, input_size, original_size)[0] > threshold).numpy()
         return out
-    out[:] = False
     if window == ():
+        out[:] = False
         return out
     rows, cols, stage1_rows, stage1_cols = window
+    # the window is written below; clear only around it
+    out[:rows[0]] = False
+    out[rows[1]:] = False
+    out[rows[0]:rows[1], :cols[0]] = False
+    out[rows[0]:rows[1], cols[1]:] = False
     maps1 = axis_map(low_res.shape[-1], img_size)
     sel1_r = tuple(m[stage1_rows[0]:stage1_rows[1]] for m in maps1)
     sel1_c = tuple(m[stage1_cols[0]:stage1_cols[1]] for m in maps1)
@@ -83,18 +89,107 @@ def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[in
     src_c = (int(sel1_c[0][0]), int(sel1_c[1][-1]) + 1)
     patch = low_res[src_r[0]:src_r[1], src_c[0]:src_c[1]].float()
     values = _resize_window(patch, sel1_r, sel1_c, src_r[0], src_c[0])
-    if tuple(input_size) != (h, w):
-        sel2_r = tuple(m[rows[0]:rows[1]] for m in axis_map(input_size[0], h))
-        sel2_c = tuple(m[cols[0]:cols[1]] for m in axis_map(input_size[1], w))
-        values = _resize_window(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0])
-    out[rows[0]:rows[1], cols[0]:cols[1]] = (values > threshold).numpy()
+    target = out[rows[0]:rows[1], cols[0]:cols[1]]
+    if not resized:
+        target[:] = (values > threshold).numpy()
+        return out
+    sel2_r = tuple(m[rows[0]:rows[1]] for m in axis_map(input_size[0], h))
+    sel2_c = tuple(m[cols[0]:cols[1]] for m in axis_map(input_size[1], w))
+    if h < input_size[0] or w < input_size[1]:  # shrinking: fewer output pixels than values, interpolate all
+        target[:] = (_resize_window(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0]) > threshold).numpy()
+    else:
+        _threshold_band(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0], threshold, target)
     return out
+
+
+# What each path costs, in ns on the build machine (benchmarks/bench_postprocess.py; only the ratios matter):
+# PyTorch's whole-image resize per stage-1 and per stage-2 output pixel; the windowed path's fixed overhead,
+# per value computed with exact rounding, per value of the block grid, per pixel filled from the grid or
+# cleared outside the window, and per boundary pixel interpolated pointwise.
+WHOLE_STAGE1_NS, WHOLE_STAGE2_NS = 3.0, 4.0
+WINDOW_FIXED_NS, EXACT_VALUE_NS, GRID_VALUE_NS, FILL_NS, CLEAR_NS, BAND_PIXEL_NS = 1e6, 15.0, 10.0, 1.5, 0.3, 40.0
+
+
+def _whole_cost_ns(img_size: int, original_size: tuple[int, int], resized: bool) -> float:
+    h, w = original_size
+    return WHOLE_STAGE1_NS * img_size * img_size + (WHOLE_STAGE2_NS * h * w if resized else 0.0)
+
+
+def _window_cost_ns(low_res: torch.Tensor, threshold: float, window, img_size: int,
+                    original_size: tuple[int, int]) -> float:
+    """Estimated time of the windowed path: exact stage-1 values over the window, then (enlarging) the block
+    grid, the fill and the boundary band, whose size is bounded by the low-res sign changes times the output
+    pixels per low-res cell (ragged masks have many), or (shrinking) exact values for the output window."""
+    rows, cols, stage1_rows, stage1_cols = window
+    stage1 = (stage1_rows[1] - stage1_rows[0]) * (stage1_cols[1] - stage1_cols[0])
+    output = (rows[1] - rows[0]) * (cols[1] - cols[0])
+    cost = WINDOW_FIXED_NS + EXACT_VALUE_NS * stage1 + CLEAR_NS * (original_size[0] * original_size[1] - output)
+    if output == stage1:  # no second resize
+        return cost
+    if output < stage1:
+        return cost + EXACT_VALUE_NS * output
+    positive = low_res.float().numpy() > threshold
+    changes = int((positive[1:] != positive[:-1]).sum() + (positive[:, 1:] != positive[:, :-1]).sum())
+    per_cell = output / stage1 * (img_size / low_res.shape[-1]) ** 2
+    return cost + GRID_VALUE_NS * stage1 + FILL_NS * output + BAND_PIXEL_NS * changes * per_cell
+
+
+def _threshold_band(values: torch.Tensor, rows: tuple[torch.Tensor, ...], cols: tuple[torch.Tensor, ...],
+                    row_offset: int, col_offset: int, threshold: float, out: np.ndarray) -> None:
+    """`out[:] = _resize_window(values, rows, cols, ...) > threshold` for an enlarging resize, interpolating
+    only near the boundary.
+
+    An output pixel is a convex combination of a 2×2 block of `values`: where all four are clearly above
+    (below) the threshold it is true (false) without arithmetic, and the output pixels that share a block
+    (runs of identical rows and columns: several per source pixel when enlarging) are filled at once. Only
+    pixels of blocks that straddle the threshold are interpolated, pointwise with `_blend`'s rounding, so
+    the result is the whole-window one bit for bit.
+    """
+    r0, r1, rl = (m.numpy() for m in rows)
+    c0, c1, cl = (m.numpy() for m in cols)
+    r0, r1, c0, c1 = r0 - row_offset, r1 - row_offset, c0 - col_offset, c1 - col_offset
+    v = values.numpy()
+    # enlarging: every source row/col of the window is the first source of a run of output rows/cols, so
+    # the blocks are consecutive source pairs (edge-replicated: a superset of what the last run reads)
+    if r0[0] or c0[0] or (np.diff(r0) > 1).any() or (np.diff(c0) > 1).any():
+        raise ValueError("_threshold_band needs an enlarging resize over the whole source window")
+    below = np.concatenate([v[1:], v[-1:]])
+    lo, hi = np.minimum(v, below), np.maximum(v, below)
+    lo = np.minimum(lo, np.concatenate([lo[:, 1:], lo[:, -1:]], axis=1))
+    hi = np.maximum(hi, np.concatenate([hi[:, 1:], hi[:, -1:]], axis=1))
+    # blending rounds each step to float32: stay clear of the threshold by far more than that error
+    margin = 1e-6 * max(1.0, abs(threshold), float(np.abs(v).max()))
+    certain = lo > threshold + margin
+    unsure = ~certain & (hi > threshold - margin)
+    row_len = np.bincount(r0, minlength=v.shape[0])
+    col_len = np.bincount(c0, minlength=v.shape[1])
+    cell_r, cell_c = np.nonzero(unsure)
+    sizes = row_len[cell_r] * col_len[cell_c]
+    total = int(sizes.sum())
+    out[:] = np.repeat(certain, col_len, axis=1)[r0]
+    if total == 0:
+        return
+    # the pixels of the unsure blocks, block after block, each row-major
+    row_start, col_start = np.cumsum(row_len) - row_len, np.cumsum(col_len) - col_len
+    offset = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    width = np.repeat(col_len[cell_c], sizes)
+    y = np.repeat(row_start[cell_r], sizes) + offset // width
+    x = np.repeat(col_start[cell_c], sizes) + offset % width
+    lam_c = cl[x]
+    top = _blend_np(v[r0[y], c0[x]], v[r0[y], c1[x]], lam_c)
+    bottom = _blend_np(v[r1[y], c0[x]], v[r1[y], c1[x]], lam_c)
+    out[y, x] = _blend_np(top, bottom, rl[y]) > threshold
+
+
+def _blend_np(first: np.ndarray, second: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """`_blend` in NumPy (same IEEE operations in the same order, so the same bits), for small gathers."""
+    return (first.astype(np.float64) * (np.float32(1) - lam).astype(np.float64) + second * lam).astype(np.float32)
 
 
 def _true_window(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
                  original_size: tuple[int, int], threshold: float):
     """Where the mask can be true: (output rows, output cols, stage-1 rows, stage-1 cols) as [a, b) ranges;
-    () when nowhere; None when the window is so large that the whole-image resize is cheaper."""
+    () when nowhere."""
     h, w = original_size
     nh, nw = input_size
     positive = low_res.float().numpy() > threshold
@@ -117,8 +212,6 @@ def _true_window(low_res: torch.Tensor, img_size: int, input_size: tuple[int, in
         # the stage-1 positions the stage-2 window reads (a superset of the positive ones near the edges)
         stage1_rows = (int(maps_r[0][rows[0]]), int(maps_r[1][rows[1] - 1]) + 1)
         stage1_cols = (int(maps_c[0][cols[0]]), int(maps_c[1][cols[1] - 1]) + 1)
-    if (rows[1] - rows[0]) * (cols[1] - cols[0]) > WHOLE_IMAGE_FRACTION * h * w:
-        return None
     return rows, cols, stage1_rows, stage1_cols
 
 
