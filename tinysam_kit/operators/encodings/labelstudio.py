@@ -77,16 +77,21 @@ def encode_runs(lengths: np.ndarray, values: np.ndarray, total: int) -> bytes:
     values = np.asarray(values).astype(np.uint64)
     if values.size and int(values.max()) > 255:
         raise RLEError("brush RLE values are 8-bit: got a value above 255")
-    # A run longer than 65536 becomes several full 65536-value chunks plus the remainder, all 16-bit.
-    pieces = np.where(lengths > _MAX_RUN, (lengths - 1) // _MAX_RUN + 1, 1)
-    run_of_piece = np.repeat(np.arange(lengths.size), pieces)
-    piece_no = np.arange(run_of_piece.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    is_last = piece_no == pieces[run_of_piece] - 1
-    run_len = lengths[run_of_piece]
-    piece_len = np.where(is_last, run_len - (pieces[run_of_piece] - 1) * _MAX_RUN, _MAX_RUN)
-    val = values[run_of_piece]
+    if lengths.size and int(lengths.max()) > _MAX_RUN:
+        # A run longer than 65536 becomes several full 65536-value chunks plus the remainder, all 16-bit.
+        pieces = np.where(lengths > _MAX_RUN, (lengths - 1) // _MAX_RUN + 1, 1)
+        run_of_piece = np.repeat(np.arange(lengths.size), pieces)
+        piece_no = np.arange(run_of_piece.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        is_last = piece_no == pieces[run_of_piece] - 1
+        run_len = lengths[run_of_piece]
+        piece_len = np.where(is_last, run_len - (pieces[run_of_piece] - 1) * _MAX_RUN, _MAX_RUN)
+        val = values[run_of_piece]
+    else:  # ragged masks: many short runs, none split
+        run_len = piece_len = lengths
+        val = values
 
-    size_index = np.select([run_len <= 8, run_len <= 16, run_len <= 256], [0, 1, 2], 3).astype(np.int64)
+    # widths 3/4/8/16 bits for runs up to 8/16/256/more (chosen by the whole run's length, as the SDK does)
+    size_index = (run_len > 8).astype(np.int64) + (run_len > 16) + (run_len > 256)
     size_bits = np.asarray(RLE_SIZES, dtype=np.int64)[size_index]
     flag = (run_len > 1).astype(np.uint64)  # single values are written as one-value literals
     length_field = (piece_len - 1).astype(np.uint64)
