@@ -1,4 +1,5 @@
-"""Windowed mask upsampling equals thresholding the reference two-step bilinear resize, pixel for pixel."""
+"""Windowed mask upsampling equals thresholding the reference two-step bilinear resize, pixel for pixel,
+at any threshold."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from tinysam_kit.operators.predictor import resized_shape
-from tinysam_kit.operators.upsampling import axis_map, mask_from_low_res, resize_logits
+from tinysam_kit.operators.upsampling import axis_map, count_above, mask_from_low_res, resize_logits
 
 
 def _logits(seed: int, kind: str) -> torch.Tensor:
@@ -36,10 +37,13 @@ def test_window_equals_whole_image_resize(size, kind):
     input_size = resized_shape(h, w, 1024)
     for seed in range(3):
         low = _logits(seed, kind) if kind != "empty" else torch.full((256, 256), -5.0)
-        expected = (resize_logits(low[None], 1024, input_size, size)[0] > 0).numpy()
-        got = mask_from_low_res(low, 1024, input_size, size)
-        assert got.shape == size and got.dtype == bool
-        assert np.array_equal(got, expected), int((got != expected).sum())
+        logits = resize_logits(low[None], 1024, input_size, size)[0]
+        for threshold in (0.0, -1.0, 1.0):  # the mask, and the two of everything mode's stability score
+            expected = (logits > threshold).numpy()
+            got = mask_from_low_res(low, 1024, input_size, size, threshold)
+            assert got.shape == size and got.dtype == bool
+            assert np.array_equal(got, expected), (threshold, int((got != expected).sum()))
+            assert count_above(low, 1024, input_size, size, threshold) == int(expected.sum())
 
 
 def test_other_thresholds_and_a_non_square_input_frame():

@@ -1,8 +1,9 @@
 """Segment everything: SAM's dense point grid and TinySAM's hierarchical (sparse-then-fill) strategy.
 
 Memory stays bounded: candidates are first filtered on their predicted IoU (no full-resolution work for
-them), the survivors are upsampled in bounded chunks, and every kept mask is stored as a run-length
-encoding right away. Only the final records are decoded to full masks.
+them), the stability score of the survivors is computed from pixel counts of the windows where their
+full-resolution masks can be true (no full-size logits), only the masks that pass are made, and every kept
+mask is stored as a run-length encoding right away. Only the final records are decoded to full masks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ..models.registry import recommended_everything_params
 from .encodings.coco import masks_to_uncompressed_rle, rle_area, to_coco_rle, uncompressed_rle_to_mask
 from .images import load_image, to_rgb_uint8
 from .nms import masks_to_boxes, single_class_nms
-from .predictor import ImageEmbedding, PromptError, TinySamPredictor
+from .predictor import UPSAMPLE_PIXEL_BUDGET, ImageEmbedding, PromptError, TinySamPredictor
+from .upsampling import count_above, mask_from_low_res, resize_logits, window_mask, windowed_is_cheaper
 
 MODES = ("hierarchical", "dense")
 OUTPUT_MODES = ("binary_mask", "coco_rle", "uncompressed_rle")
@@ -224,21 +226,15 @@ class EverythingGenerator:
             if keep_idx.numel() == 0:
                 continue
             low_res, iou, batch_points = low_res[keep_idx], iou[keep_idx], batch_points[keep_idx.numpy()]
-            for offset, logits in self.predictor.iter_upsampled(low_res, state):
-                sel = slice(offset, offset + logits.shape[0])
-                # NumPy's counting and comparisons are several times faster than torch's on bool data.
-                flat = logits.numpy().reshape(logits.shape[0], -1)
-                del logits
-                stability = stability_score(flat, 0.0, p.stability_score_offset)
+            # masks of a chunk are full-size: bound their number by the pixel budget
+            chunk = max(1, UPSAMPLE_PIXEL_BUDGET // (h * w))
+            for first in range(0, len(low_res), chunk):
+                sel = slice(first, first + chunk)
+                stability, masks = self._full_resolution(low_res[sel], state, union)
                 ok = stability >= p.stability_score_thresh if p.stability_score_thresh > 0.0 else \
                     torch.ones_like(stability, dtype=torch.bool)
                 if not ok.any():
                     continue
-                flat = flat[ok.numpy()]
-                if union is not None:
-                    union |= (flat > p.high_score_thresh).any(axis=0).reshape(h, w)
-                masks = (flat > 0.0).reshape(-1, h, w)
-                del flat
                 boxes = masks_to_boxes(masks)
                 chunk_iou, chunk_stab, chunk_pts = iou[sel][ok], stability[ok], batch_points[sel][ok.numpy()]
                 if is_crop:
@@ -259,6 +255,44 @@ class EverythingGenerator:
                 out.points.append(chunk_pts)
                 out.crop_boxes += [list(crop_box)] * masks.shape[0]
         return out
+
+    def _full_resolution(self, low_res: torch.Tensor, state: ImageEmbedding, union: np.ndarray | None
+                         ) -> tuple[torch.Tensor, np.ndarray]:
+        """SAM's stability score of every (s, s) logit map at full resolution (IoU of its masks at ±offset),
+        and the full-resolution masks of those that pass the stability filter (in order); `union` gains
+        their pixels above `high_score_thresh`.
+
+        Compact masks are counted and made inside the windows where they can be true, without full-size
+        logits; a mask whose loosest window would cost more is resized whole, once, as SAM does.
+        """
+        p = self.params
+        img_size, input_size, (h, w) = self.predictor.img_size, state.input_size, state.original_size
+        offset = p.stability_score_offset
+        stability = np.zeros(len(low_res), dtype=np.float32)
+        masks = []
+        for i, logits in enumerate(low_res):
+            full = None
+            if windowed_is_cheaper(logits, img_size, input_size, (h, w), -offset):
+                inter, total = (count_above(logits, img_size, input_size, (h, w), t) for t in (offset, -offset))
+            else:
+                full = resize_logits(logits[None], img_size, input_size, (h, w))[0].numpy()
+                inter, total = np.count_nonzero(full > offset), np.count_nonzero(full > -offset)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                stability[i] = np.float32(inter) / np.float32(total)
+            if p.stability_score_thresh > 0.0 and not stability[i] >= p.stability_score_thresh:
+                continue
+            if full is not None:
+                masks.append(full > 0.0)
+                if union is not None:
+                    union |= full > p.high_score_thresh
+                continue
+            masks.append(mask_from_low_res(logits, img_size, input_size, (h, w), 0.0))
+            part = None if union is None else window_mask(logits, img_size, input_size, (h, w),
+                                                          p.high_score_thresh)
+            if part is not None:
+                (r0, r1), (c0, c1), values = part
+                union[r0:r1, c0:c1] |= values
+        return torch.from_numpy(stability), np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
 
     def _low_res_valid(self, low_res: torch.Tensor, state: ImageEmbedding) -> torch.Tensor:
         """The part of the low-res logits that maps onto the image (the rest covers the zero padding)."""

@@ -65,23 +65,42 @@ def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[in
     h, w = original_size
     if out is None:
         out = np.empty((h, w), dtype=bool)
-    resized = tuple(input_size) != (h, w)
-    window = None if threshold < 0 else _true_window(low_res, img_size, input_size, original_size, threshold)
-    if window not in (None, ()) and _window_cost_ns(low_res, threshold, window, img_size, original_size) > \
-            _whole_cost_ns(img_size, original_size, resized):
-        window = None
-    if window is None:  # a negative threshold makes every pixel a candidate, or the window costs more
-        out[:] = (resize_logits(low_res[None], img_size, input_size, original_size)[0] > threshold).numpy()
-        return out
-    if window == ():
+    part = window_mask(low_res, img_size, input_size, original_size, threshold)
+    if part is None:
         out[:] = False
         return out
+    (r0, r1), (c0, c1), values = part
+    # the window is written last; clear only around it
+    out[:r0] = False
+    out[r1:] = False
+    out[r0:r1, :c0] = False
+    out[r0:r1, c1:] = False
+    out[r0:r1, c0:c1] = values
+    return out
+
+
+def count_above(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                original_size: tuple[int, int], threshold: float) -> int:
+    """`np.count_nonzero(mask_from_low_res(...))` without writing the full-size mask."""
+    part = window_mask(low_res, img_size, input_size, original_size, threshold)
+    return 0 if part is None else int(np.count_nonzero(part[2]))
+
+
+def window_mask(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                original_size: tuple[int, int], threshold: float = 0.0):
+    """The part of `mask_from_low_res` that can be true: (rows [a, b), cols [a, b), bool mask of that
+    window), or None when no pixel is. Pixels outside the window are false: each is a convex combination
+    of low-res logits all ≤ threshold, and rounding never lifts such a blend above it (both resizes round
+    to nearest from a double sum within half an ulp)."""
+    h, w = original_size
+    resized = tuple(input_size) != (h, w)
+    window = _true_window(low_res, img_size, input_size, original_size, threshold)
+    if window == ():
+        return None
+    if not _window_is_cheaper(low_res, img_size, input_size, original_size, threshold, window):
+        whole = (resize_logits(low_res[None], img_size, input_size, original_size)[0] > threshold).numpy()
+        return (0, h), (0, w), whole
     rows, cols, stage1_rows, stage1_cols = window
-    # the window is written below; clear only around it
-    out[:rows[0]] = False
-    out[rows[1]:] = False
-    out[rows[0]:rows[1], :cols[0]] = False
-    out[rows[0]:rows[1], cols[1]:] = False
     maps1 = axis_map(low_res.shape[-1], img_size)
     sel1_r = tuple(m[stage1_rows[0]:stage1_rows[1]] for m in maps1)
     sel1_c = tuple(m[stage1_cols[0]:stage1_cols[1]] for m in maps1)
@@ -89,17 +108,15 @@ def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[in
     src_c = (int(sel1_c[0][0]), int(sel1_c[1][-1]) + 1)
     patch = low_res[src_r[0]:src_r[1], src_c[0]:src_c[1]].float()
     values = _resize_window(patch, sel1_r, sel1_c, src_r[0], src_c[0])
-    target = out[rows[0]:rows[1], cols[0]:cols[1]]
     if not resized:
-        target[:] = (values > threshold).numpy()
-        return out
+        return rows, cols, (values > threshold).numpy()
     sel2_r = tuple(m[rows[0]:rows[1]] for m in axis_map(input_size[0], h))
     sel2_c = tuple(m[cols[0]:cols[1]] for m in axis_map(input_size[1], w))
     if h < input_size[0] or w < input_size[1]:  # shrinking: fewer output pixels than values, interpolate all
-        target[:] = (_resize_window(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0]) > threshold).numpy()
-    else:
-        _threshold_band(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0], threshold, target)
-    return out
+        return rows, cols, (_resize_window(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0]) > threshold).numpy()
+    target = np.empty((rows[1] - rows[0], cols[1] - cols[0]), dtype=bool)
+    _threshold_band(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0], threshold, target)
+    return rows, cols, target
 
 
 # What each path costs, in ns on the build machine (benchmarks/bench_postprocess.py; only the ratios matter):
@@ -108,6 +125,20 @@ def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[in
 # cleared outside the window, and per boundary pixel interpolated pointwise.
 WHOLE_STAGE1_NS, WHOLE_STAGE2_NS = 3.0, 4.0
 WINDOW_FIXED_NS, EXACT_VALUE_NS, GRID_VALUE_NS, FILL_NS, CLEAR_NS, BAND_PIXEL_NS = 1e6, 15.0, 10.0, 1.5, 0.3, 40.0
+
+
+def windowed_is_cheaper(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                        original_size: tuple[int, int], threshold: float) -> bool:
+    """Whether `window_mask` at this threshold beats thresholding the whole-image resize (by the cost model
+    below); the lowest threshold a caller needs has the largest window."""
+    window = _true_window(low_res, img_size, input_size, original_size, threshold)
+    return window == () or _window_is_cheaper(low_res, img_size, input_size, original_size, threshold, window)
+
+
+def _window_is_cheaper(low_res, img_size, input_size, original_size, threshold, window) -> bool:
+    resized = tuple(input_size) != tuple(original_size)
+    return _window_cost_ns(low_res, threshold, window, img_size, original_size) <= \
+        _whole_cost_ns(img_size, original_size, resized)
 
 
 def _whole_cost_ns(img_size: int, original_size: tuple[int, int], resized: bool) -> float:

@@ -11,13 +11,23 @@ def masks_to_uncompressed_rle(masks) -> list[dict]:
     n, h, w = masks.shape
     out = []
     for mask in masks:
-        flat = mask.T.ravel()  # column-major order
-        edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        edges = column_major_changes(mask) + 1
         counts = np.diff(np.concatenate(([0], edges, [h * w])))
-        if flat.size and flat[0]:
+        if mask.size and mask[0, 0]:
             counts = np.concatenate(([0], counts))
         out.append({"size": [h, w], "counts": counts.tolist()})
     return out
+
+
+def column_major_changes(mask: np.ndarray) -> np.ndarray:
+    """Positions i of the column-major flattening with flat[i] != flat[i + 1], ascending, without making
+    that (transposed) copy: changes down each column, plus from a column's last pixel to the next one's
+    first. Comparing rows of the row-major mask is several times faster than transposing 12 megapixels."""
+    h, w = mask.shape
+    rows, cols = np.divmod(np.flatnonzero(mask[1:] != mask[:-1]), w)
+    within = cols * h + rows
+    across = np.flatnonzero(mask[-1, :-1] != mask[0, 1:]).astype(np.int64) * h + (h - 1)
+    return np.sort(np.concatenate([within, across]))
 
 
 def mask_to_uncompressed_rle(mask: np.ndarray) -> dict:
