@@ -19,7 +19,14 @@ from .encodings.coco import masks_to_uncompressed_rle, rle_area, to_coco_rle, un
 from .images import load_image, to_rgb_uint8
 from .nms import masks_to_boxes, single_class_nms
 from .predictor import UPSAMPLE_PIXEL_BUDGET, ImageEmbedding, PromptError, TinySamPredictor
-from .upsampling import count_above, mask_from_low_res, resize_logits, window_mask, windowed_is_cheaper
+from .upsampling import (
+    count_above,
+    mask_from_low_res,
+    resize_logits,
+    whole_resize_is_cheap,
+    window_mask,
+    windowed_is_cheaper,
+)
 
 MODES = ("hierarchical", "dense")
 OUTPUT_MODES = ("binary_mask", "coco_rle", "uncompressed_rle")
@@ -263,36 +270,48 @@ class EverythingGenerator:
         their pixels above `high_score_thresh`.
 
         Compact masks are counted and made inside the windows where they can be true, without full-size
-        logits; a mask whose loosest window would cost more is resized whole, once, as SAM does.
+        logits; the others (ragged logits, or an image so small that the windows' overhead dominates) are
+        resized whole, in one batch, as SAM does.
         """
         p = self.params
         img_size, input_size, (h, w) = self.predictor.img_size, state.input_size, state.original_size
         offset = p.stability_score_offset
-        stability = np.zeros(len(low_res), dtype=np.float32)
-        masks = []
-        for i, logits in enumerate(low_res):
-            full = None
-            if windowed_is_cheaper(logits, img_size, input_size, (h, w), -offset):
-                inter, total = (count_above(logits, img_size, input_size, (h, w), t) for t in (offset, -offset))
-            else:
-                full = resize_logits(logits[None], img_size, input_size, (h, w))[0].numpy()
-                inter, total = np.count_nonzero(full > offset), np.count_nonzero(full > -offset)
+        if whole_resize_is_cheap(img_size, input_size, (h, w)):
+            windowed = np.zeros(len(low_res), dtype=bool)
+        else:
+            windowed = np.array([windowed_is_cheaper(logits, img_size, input_size, (h, w), -offset)
+                                 for logits in low_res], dtype=bool)
+        stability = torch.zeros(len(low_res), dtype=torch.float32)
+        masks: dict[int, np.ndarray] = {}
+
+        def passes(score) -> bool:
+            return p.stability_score_thresh <= 0.0 or bool(score >= p.stability_score_thresh)
+
+        whole = np.flatnonzero(~windowed)
+        if len(whole):
+            flat = resize_logits(low_res[whole], img_size, input_size, (h, w)).numpy().reshape(len(whole), -1)
+            stability[whole] = stability_score(flat, 0.0, offset)
+            for i, row in zip(whole, flat):
+                if passes(stability[i]):
+                    masks[i] = (row > 0.0).reshape(h, w)
+                    if union is not None:
+                        union |= (row > p.high_score_thresh).reshape(h, w)
+            del flat
+        for i in np.flatnonzero(windowed):
+            logits = low_res[i]
+            inter, total = (count_above(logits, img_size, input_size, (h, w), t) for t in (offset, -offset))
             with np.errstate(invalid="ignore", divide="ignore"):
-                stability[i] = np.float32(inter) / np.float32(total)
-            if p.stability_score_thresh > 0.0 and not stability[i] >= p.stability_score_thresh:
+                stability[i] = float(np.float32(inter) / np.float32(total))
+            if not passes(stability[i]):
                 continue
-            if full is not None:
-                masks.append(full > 0.0)
-                if union is not None:
-                    union |= full > p.high_score_thresh
-                continue
-            masks.append(mask_from_low_res(logits, img_size, input_size, (h, w), 0.0))
+            masks[i] = mask_from_low_res(logits, img_size, input_size, (h, w), 0.0)
             part = None if union is None else window_mask(logits, img_size, input_size, (h, w),
                                                           p.high_score_thresh)
             if part is not None:
                 (r0, r1), (c0, c1), values = part
                 union[r0:r1, c0:c1] |= values
-        return torch.from_numpy(stability), np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
+        kept = [masks[i] for i in sorted(masks)]
+        return stability, np.stack(kept) if kept else np.zeros((0, h, w), dtype=bool)
 
     def _low_res_valid(self, low_res: torch.Tensor, state: ImageEmbedding) -> torch.Tensor:
         """The part of the low-res logits that maps onto the image (the rest covers the zero padding)."""

@@ -135,6 +135,12 @@ def windowed_is_cheaper(low_res: torch.Tensor, img_size: int, input_size: tuple[
     return window == () or _window_is_cheaper(low_res, img_size, input_size, original_size, threshold, window)
 
 
+def whole_resize_is_cheap(img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]) -> bool:
+    """Whether the whole-image resize costs less than the windowed path's fixed overhead alone (small images:
+    batch whole resizes instead of going mask by mask)."""
+    return _whole_cost_ns(img_size, original_size, tuple(input_size) != tuple(original_size)) < WINDOW_FIXED_NS
+
+
 def _window_is_cheaper(low_res, img_size, input_size, original_size, threshold, window) -> bool:
     resized = tuple(input_size) != tuple(original_size)
     return _window_cost_ns(low_res, threshold, window, img_size, original_size) <= \
