@@ -111,3 +111,32 @@ def test_registered_models_bring_their_everything_thresholds():
     gen = EverythingGenerator(demo)
     assert gen.params.pred_iou_thresh == MODELS["demo"].everything_defaults["pred_iou_thresh"]
     assert EverythingGenerator(demo, pred_iou_thresh=0.9).params.pred_iou_thresh == 0.9  # the caller wins
+
+
+@pytest.mark.parametrize("mode", ["hierarchical", "dense"])
+def test_windowed_full_resolution_gives_the_batched_resize_records(mode, monkeypatch):
+    """On a photo larger than the model input, compact candidates are scored and made window by window and
+    ragged ones resized whole: the records must equal those of resizing every candidate whole."""
+    import cv2
+
+    from tinysam_kit.models.registry import recommended_everything_params
+    from tinysam_kit.operators import everything
+    from tinysam_kit.training.evaluate import held_out_indices
+    from tinysam_kit.training.synthetic import SyntheticWorld
+
+    demo = TinySamPredictor.from_pretrained("demo", device="cpu")
+    photo = cv2.resize(SyntheticWorld(0)[held_out_indices(1, start=100)[0]].image, (1200, 900),
+                       interpolation=cv2.INTER_LINEAR)
+    options = dict(recommended_everything_params("demo"), points_per_side=12, mode=mode,
+                   output_mode="uncompressed_rle")
+    windows = []
+    count_above = everything.count_above
+    monkeypatch.setattr(everything, "count_above", lambda *a: windows.append(1) or count_above(*a))
+    ours = generate_everything(demo, photo, **options)
+    assert windows, "no candidate took the windowed path"
+    monkeypatch.setattr(everything, "whole_resize_is_cheap", lambda *a: True)
+    batched = generate_everything(demo, photo, **options)
+    assert len(ours) == len(batched) > 0
+    for a, b in zip(ours, batched):
+        assert a["segmentation"] == b["segmentation"] and a["bbox"] == b["bbox"]
+        assert a["predicted_iou"] == b["predicted_iou"] and a["stability_score"] == b["stability_score"]
