@@ -141,7 +141,8 @@ def whole_resize_is_cheap(img_size: int, input_size: tuple[int, int], original_s
     return _whole_cost_ns(img_size, original_size, tuple(input_size) != tuple(original_size)) < WINDOW_FIXED_NS
 
 
-def _window_is_cheaper(low_res, img_size, input_size, original_size, threshold, window) -> bool:
+def _window_is_cheaper(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                       original_size: tuple[int, int], threshold: float, window: tuple) -> bool:
     resized = tuple(input_size) != tuple(original_size)
     return _window_cost_ns(low_res, threshold, window, img_size, original_size) <= \
         _whole_cost_ns(img_size, original_size, resized)
