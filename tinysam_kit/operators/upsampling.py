@@ -107,9 +107,11 @@ def window_mask(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int
     src_r = (int(sel1_r[0][0]), int(sel1_r[1][-1]) + 1)
     src_c = (int(sel1_c[0][0]), int(sel1_c[1][-1]) + 1)
     patch = low_res[src_r[0]:src_r[1], src_c[0]:src_c[1]].float()
+    if not resized:  # the first resize is the last one: only its boundary band needs arithmetic
+        target = np.empty((rows[1] - rows[0], cols[1] - cols[0]), dtype=bool)
+        _threshold_band(patch, sel1_r, sel1_c, src_r[0], src_c[0], threshold, target)
+        return rows, cols, target
     values = _resize_window(patch, sel1_r, sel1_c, src_r[0], src_c[0])
-    if not resized:
-        return rows, cols, (values > threshold).numpy()
     sel2_r = tuple(m[rows[0]:rows[1]] for m in axis_map(input_size[0], h))
     sel2_c = tuple(m[cols[0]:cols[1]] for m in axis_map(input_size[1], w))
     if h < input_size[0] or w < input_size[1]:  # shrinking: fewer output pixels than values, interpolate all
@@ -155,21 +157,23 @@ def _whole_cost_ns(img_size: int, original_size: tuple[int, int], resized: bool)
 
 def _window_cost_ns(low_res: torch.Tensor, threshold: float, window, img_size: int,
                     original_size: tuple[int, int]) -> float:
-    """Estimated time of the windowed path: exact stage-1 values over the window, then (enlarging) the block
-    grid, the fill and the boundary band, whose size is bounded by the low-res sign changes times the output
-    pixels per low-res cell (ragged masks have many), or (shrinking) exact values for the output window."""
+    """Estimated time of the windowed path: the block grid, the fill and the boundary band of the last
+    (enlarging) resize — the band's size bounded by the low-res sign changes times the output pixels per
+    low-res cell (ragged masks have many) — after exact stage-1 values when there are two resizes; exact
+    values for both when the second one shrinks."""
     rows, cols, stage1_rows, stage1_cols = window
     stage1 = (stage1_rows[1] - stage1_rows[0]) * (stage1_cols[1] - stage1_cols[0])
     output = (rows[1] - rows[0]) * (cols[1] - cols[0])
-    cost = WINDOW_FIXED_NS + EXACT_VALUE_NS * stage1 + CLEAR_NS * (original_size[0] * original_size[1] - output)
-    if output == stage1:  # no second resize
-        return cost
+    cost = WINDOW_FIXED_NS + CLEAR_NS * (original_size[0] * original_size[1] - output)
     if output < stage1:
-        return cost + EXACT_VALUE_NS * output
+        return cost + EXACT_VALUE_NS * (stage1 + output)
     positive = low_res.float().numpy() > threshold
     changes = int((positive[1:] != positive[:-1]).sum() + (positive[:, 1:] != positive[:, :-1]).sum())
-    per_cell = output / stage1 * (img_size / low_res.shape[-1]) ** 2
-    return cost + GRID_VALUE_NS * stage1 + FILL_NS * output + BAND_PIXEL_NS * changes * per_cell
+    per_cell = output / stage1 * (img_size / low_res.shape[-1]) ** 2  # output pixels per low-res cell
+    if output == stage1:  # no second resize: the band runs on the first one, over low-res blocks
+        grid = stage1 / (img_size / low_res.shape[-1]) ** 2
+        return cost + GRID_VALUE_NS * grid + FILL_NS * output + BAND_PIXEL_NS * changes * per_cell
+    return cost + (EXACT_VALUE_NS + GRID_VALUE_NS) * stage1 + FILL_NS * output + BAND_PIXEL_NS * changes * per_cell
 
 
 def _threshold_band(values: torch.Tensor, rows: tuple[torch.Tensor, ...], cols: tuple[torch.Tensor, ...],
