@@ -130,10 +130,15 @@ def test_windowed_full_resolution_gives_the_batched_resize_records(mode, monkeyp
     options = dict(recommended_everything_params("demo"), points_per_side=12, mode=mode,
                    output_mode="uncompressed_rle")
     windows = []
-    count_above = everything.count_above
-    monkeypatch.setattr(everything, "count_above", lambda *a: windows.append(1) or count_above(*a))
+
+    class Recorded(everything.FullResolution):
+        def __init__(self, *args):
+            super().__init__(*args)
+            windows.append(self.window != () and not self.whole)
+
+    monkeypatch.setattr(everything, "FullResolution", Recorded)
     ours = generate_everything(demo, photo, **options)
-    assert windows, "no candidate took the windowed path"
+    assert any(windows), "no candidate took the windowed path"
     monkeypatch.setattr(everything, "whole_resize_is_cheap", lambda *a: True)
     batched = generate_everything(demo, photo, **options)
     assert len(ours) == len(batched) > 0

@@ -19,14 +19,7 @@ from .encodings.coco import masks_to_uncompressed_rle, rle_area, to_coco_rle, un
 from .images import load_image, to_rgb_uint8
 from .nms import masks_to_boxes, single_class_nms
 from .predictor import UPSAMPLE_PIXEL_BUDGET, ImageEmbedding, PromptError, TinySamPredictor
-from .upsampling import (
-    count_above,
-    mask_from_low_res,
-    resize_logits,
-    whole_resize_is_cheap,
-    window_mask,
-    windowed_is_cheaper,
-)
+from .upsampling import FullResolution, resize_logits, whole_resize_is_cheap
 
 MODES = ("hierarchical", "dense")
 OUTPUT_MODES = ("binary_mask", "coco_rle", "uncompressed_rle")
@@ -269,49 +262,39 @@ class EverythingGenerator:
         and the full-resolution masks of those that pass the stability filter (in order); `union` gains
         their pixels above `high_score_thresh`.
 
-        Compact masks are counted and made inside the windows where they can be true, without full-size
-        logits; the others (ragged logits, or an image so small that the windows' overhead dominates) are
-        resized whole, in one batch, as SAM does.
+        On small images one batched whole resize is cheapest. Otherwise each map is a `FullResolution`:
+        compact masks are counted and made inside the window where they can be true, without full-size
+        logits; ragged ones are resized whole once, as SAM does.
         """
         p = self.params
         img_size, input_size, (h, w) = self.predictor.img_size, state.input_size, state.original_size
         offset = p.stability_score_offset
-        if whole_resize_is_cheap(img_size, input_size, (h, w)):
-            windowed = np.zeros(len(low_res), dtype=bool)
-        else:
-            windowed = np.array([windowed_is_cheaper(logits, img_size, input_size, (h, w), -offset)
-                                 for logits in low_res], dtype=bool)
-        stability = torch.zeros(len(low_res), dtype=torch.float32)
-        masks: dict[int, np.ndarray] = {}
 
         def passes(score) -> bool:
             return p.stability_score_thresh <= 0.0 or bool(score >= p.stability_score_thresh)
 
-        whole = np.flatnonzero(~windowed)
-        if len(whole):
-            flat = resize_logits(low_res[whole], img_size, input_size, (h, w)).numpy().reshape(len(whole), -1)
-            stability[whole] = stability_score(flat, 0.0, offset)
-            for i, row in zip(whole, flat):
-                if passes(stability[i]):
-                    masks[i] = (row > 0.0).reshape(h, w)
-                    if union is not None:
-                        union |= (row > p.high_score_thresh).reshape(h, w)
-            del flat
-        for i in np.flatnonzero(windowed):
-            logits = low_res[i]
-            inter, total = (count_above(logits, img_size, input_size, (h, w), t) for t in (offset, -offset))
+        if whole_resize_is_cheap(img_size, input_size, (h, w)):
+            flat = resize_logits(low_res, img_size, input_size, (h, w)).numpy().reshape(len(low_res), -1)
+            stability = stability_score(flat, 0.0, offset)
+            flat = flat[[passes(score) for score in stability]]
+            if union is not None:
+                union |= (flat > p.high_score_thresh).any(axis=0).reshape(h, w)
+            return stability, (flat > 0.0).reshape(-1, h, w)
+        floor = min(-offset, 0.0, p.high_score_thresh)
+        stability = torch.zeros(len(low_res), dtype=torch.float32)
+        masks = []
+        for i, logits in enumerate(low_res):
+            full = FullResolution(logits, img_size, input_size, (h, w), floor)
             with np.errstate(invalid="ignore", divide="ignore"):
-                stability[i] = float(np.float32(inter) / np.float32(total))
+                stability[i] = float(np.float32(full.count(offset)) / np.float32(full.count(-offset)))
             if not passes(stability[i]):
                 continue
-            masks[i] = mask_from_low_res(logits, img_size, input_size, (h, w), 0.0)
-            part = None if union is None else window_mask(logits, img_size, input_size, (h, w),
-                                                          p.high_score_thresh)
+            masks.append(full.mask(0.0))
+            part = None if union is None else full.above(p.high_score_thresh)
             if part is not None:
                 (r0, r1), (c0, c1), values = part
                 union[r0:r1, c0:c1] |= values
-        kept = [masks[i] for i in sorted(masks)]
-        return stability, np.stack(kept) if kept else np.zeros((0, h, w), dtype=bool)
+        return stability, np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
 
     def _low_res_valid(self, low_res: torch.Tensor, state: ImageEmbedding) -> torch.Tensor:
         """The part of the low-res logits that maps onto the image (the rest covers the zero padding)."""

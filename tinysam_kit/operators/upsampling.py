@@ -62,63 +62,98 @@ def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[in
                       out: np.ndarray | None = None) -> np.ndarray:
     """(s, s) logits → (H, W) bool mask equal to `resize(resize(low_res)[:h, :w]) > threshold`, written into
     `out` when given."""
-    h, w = original_size
-    if out is None:
-        out = np.empty((h, w), dtype=bool)
-    part = window_mask(low_res, img_size, input_size, original_size, threshold)
-    if part is None:
-        out[:] = False
-        return out
-    (r0, r1), (c0, c1), values = part
-    # the window is written last; clear only around it
-    out[:r0] = False
-    out[r1:] = False
-    out[r0:r1, :c0] = False
-    out[r0:r1, c1:] = False
-    out[r0:r1, c0:c1] = values
-    return out
+    return FullResolution(low_res, img_size, input_size, original_size, threshold).mask(threshold, out)
 
 
 def count_above(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
                 original_size: tuple[int, int], threshold: float) -> int:
     """`np.count_nonzero(mask_from_low_res(...))` without writing the full-size mask."""
-    part = window_mask(low_res, img_size, input_size, original_size, threshold)
-    return 0 if part is None else int(np.count_nonzero(part[2]))
+    return FullResolution(low_res, img_size, input_size, original_size, threshold).count(threshold)
 
 
-def window_mask(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
-                original_size: tuple[int, int], threshold: float = 0.0):
-    """The part of `mask_from_low_res` that can be true: (rows [a, b), cols [a, b), bool mask of that
-    window), or None when no pixel is. Pixels outside the window are false: each is a convex combination
-    of low-res logits all ≤ threshold, and rounding never lifts such a blend above it (both resizes round
-    to nearest from a double sum within half an ulp)."""
-    h, w = original_size
-    resized = tuple(input_size) != (h, w)
-    window = _true_window(low_res, img_size, input_size, original_size, threshold)
-    if window == ():
-        return None
-    if not _window_is_cheaper(low_res, img_size, input_size, original_size, threshold, window):
-        whole = (resize_logits(low_res[None], img_size, input_size, original_size)[0] > threshold).numpy()
-        return (0, h), (0, w), whole
-    rows, cols, stage1_rows, stage1_cols = window
-    maps1 = axis_map(low_res.shape[-1], img_size)
-    sel1_r = tuple(m[stage1_rows[0]:stage1_rows[1]] for m in maps1)
-    sel1_c = tuple(m[stage1_cols[0]:stage1_cols[1]] for m in maps1)
-    src_r = (int(sel1_r[0][0]), int(sel1_r[1][-1]) + 1)
-    src_c = (int(sel1_c[0][0]), int(sel1_c[1][-1]) + 1)
-    patch = low_res[src_r[0]:src_r[1], src_c[0]:src_c[1]].float()
-    if not resized:  # the first resize is the last one: only its boundary band needs arithmetic
-        target = np.empty((rows[1] - rows[0], cols[1] - cols[0]), dtype=bool)
-        _threshold_band(patch, sel1_r, sel1_c, src_r[0], src_c[0], threshold, target)
+class FullResolution:
+    """One (s, s) logit map as it would be at the user's image size, thresholded on demand at any threshold
+    ≥ `floor`, computing only what can be true.
+
+    Pixels outside the window reached from the low-res logits above `floor` are false at every such
+    threshold: each is a convex combination of low-res logits all ≤ floor, and rounding never lifts such a
+    blend above it (both resizes round to nearest from a double sum within half an ulp). The work that does
+    not depend on the threshold — that window, the choice between it and the whole-image resize (cost model
+    below), the first resize's exact values or the whole-image logits — is done once, on first use.
+    """
+
+    def __init__(self, low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
+                 original_size: tuple[int, int], floor: float = 0.0) -> None:
+        self.low_res, self.img_size, self.floor = low_res, img_size, floor
+        self.input_size, self.original_size = tuple(input_size), tuple(original_size)
+        self.resized = self.input_size != self.original_size
+        self.window = _true_window(low_res, img_size, input_size, original_size, floor)
+        self.whole = self.window != () and not _window_is_cheaper(low_res, img_size, input_size, original_size,
+                                                                   floor, self.window)
+        self._cache: dict[str, object] = {}
+
+    def above(self, threshold: float):
+        """(rows [a, b), cols [a, b), bool mask of that window) of the pixels above `threshold`, or None when
+        none can be."""
+        if threshold < self.floor:
+            raise ValueError(f"threshold {threshold} is below this map's floor {self.floor}")
+        if self.window == ():
+            return None
+        h, w = self.original_size
+        if self.whole:
+            if "logits" not in self._cache:
+                self._cache["logits"] = resize_logits(self.low_res[None], self.img_size, self.input_size,
+                                                      self.original_size)[0].numpy()
+            return (0, h), (0, w), self._cache["logits"] > threshold
+        rows, cols, stage1_rows, stage1_cols = self.window
+        shape = (rows[1] - rows[0], cols[1] - cols[0])
+        if "patch" not in self._cache:
+            maps1 = axis_map(self.low_res.shape[-1], self.img_size)
+            sel_r = tuple(m[stage1_rows[0]:stage1_rows[1]] for m in maps1)
+            sel_c = tuple(m[stage1_cols[0]:stage1_cols[1]] for m in maps1)
+            src_r, src_c = int(sel_r[0][0]), int(sel_c[0][0])
+            patch = self.low_res[src_r:int(sel_r[1][-1]) + 1, src_c:int(sel_c[1][-1]) + 1].float()
+            self._cache["patch"] = patch, sel_r, sel_c, src_r, src_c
+        patch, sel_r, sel_c, src_r, src_c = self._cache["patch"]
+        if not self.resized:  # the first resize is the last one: only its boundary band needs arithmetic
+            target = np.empty(shape, dtype=bool)
+            _threshold_band(patch, sel_r, sel_c, src_r, src_c, threshold, target)
+            return rows, cols, target
+        if "stage1" not in self._cache:
+            values = _resize_window(patch, sel_r, sel_c, src_r, src_c)
+            sel2_r = tuple(m[rows[0]:rows[1]] for m in axis_map(self.input_size[0], h))
+            sel2_c = tuple(m[cols[0]:cols[1]] for m in axis_map(self.input_size[1], w))
+            shrinking = h < self.input_size[0] or w < self.input_size[1]
+            if shrinking:  # fewer output pixels than values: interpolate every one, once
+                values = _resize_window(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0])
+            self._cache["stage1"] = values, sel2_r, sel2_c, shrinking
+        values, sel2_r, sel2_c, shrinking = self._cache["stage1"]
+        if shrinking:
+            return rows, cols, (values > threshold).numpy()
+        target = np.empty(shape, dtype=bool)
+        _threshold_band(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0], threshold, target)
         return rows, cols, target
-    values = _resize_window(patch, sel1_r, sel1_c, src_r[0], src_c[0])
-    sel2_r = tuple(m[rows[0]:rows[1]] for m in axis_map(input_size[0], h))
-    sel2_c = tuple(m[cols[0]:cols[1]] for m in axis_map(input_size[1], w))
-    if h < input_size[0] or w < input_size[1]:  # shrinking: fewer output pixels than values, interpolate all
-        return rows, cols, (_resize_window(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0]) > threshold).numpy()
-    target = np.empty((rows[1] - rows[0], cols[1] - cols[0]), dtype=bool)
-    _threshold_band(values, sel2_r, sel2_c, stage1_rows[0], stage1_cols[0], threshold, target)
-    return rows, cols, target
+
+    def count(self, threshold: float) -> int:
+        part = self.above(threshold)
+        return 0 if part is None else int(np.count_nonzero(part[2]))
+
+    def mask(self, threshold: float, out: np.ndarray | None = None) -> np.ndarray:
+        h, w = self.original_size
+        if out is None:
+            out = np.empty((h, w), dtype=bool)
+        part = self.above(threshold)
+        if part is None:
+            out[:] = False
+            return out
+        (r0, r1), (c0, c1), values = part
+        # the window is written last; clear only around it
+        out[:r0] = False
+        out[r1:] = False
+        out[r0:r1, :c0] = False
+        out[r0:r1, c1:] = False
+        out[r0:r1, c0:c1] = values
+        return out
 
 
 # What each path costs, in ns on the build machine (benchmarks/bench_postprocess.py; only the ratios matter):
@@ -127,14 +162,6 @@ def window_mask(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int
 # cleared outside the window, and per boundary pixel interpolated pointwise.
 WHOLE_STAGE1_NS, WHOLE_STAGE2_NS = 3.0, 4.0
 WINDOW_FIXED_NS, EXACT_VALUE_NS, GRID_VALUE_NS, FILL_NS, CLEAR_NS, BAND_PIXEL_NS = 1e6, 15.0, 10.0, 1.5, 0.3, 40.0
-
-
-def windowed_is_cheaper(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
-                        original_size: tuple[int, int], threshold: float) -> bool:
-    """Whether `window_mask` at this threshold beats thresholding the whole-image resize (by the cost model
-    below); the lowest threshold a caller needs has the largest window."""
-    window = _true_window(low_res, img_size, input_size, original_size, threshold)
-    return window == () or _window_is_cheaper(low_res, img_size, input_size, original_size, threshold, window)
 
 
 def whole_resize_is_cheap(img_size: int, input_size: tuple[int, int], original_size: tuple[int, int]) -> bool:
