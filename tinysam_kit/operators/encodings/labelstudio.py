@@ -13,12 +13,19 @@ stream with numpy instead of string concatenation, so a 12-megapixel mask takes 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 WORD_SIZE = 8
 RLE_SIZES = (3, 4, 8, 16)
 CHANNELS = 4
 _MAX_RUN = 1 << 16
+_SIZE_LIMITS = np.array([8, 16, 256])  # a run longer than limit i needs size index i + 1
+_CHUNK_BITS = 3 + np.array(RLE_SIZES, dtype=np.int64) + WORD_SIZE
+# flag(1) size-index(2) of every (flag, size index) pair, already shifted above the length and value fields
+_CHUNK_HEADS = np.array([((flag << 2) | index) << (size + WORD_SIZE)
+                         for flag in (0, 1) for index, size in enumerate(RLE_SIZES)], dtype=np.uint64)
 
 
 class RLEError(ValueError):
@@ -38,37 +45,27 @@ def runs_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pack_codes(codes: np.ndarray, widths: np.ndarray) -> bytes:
-    """Concatenate `codes` (each `widths` bits wide, at most 64) MSB-first; pad as the SDK does."""
-    codes = codes.astype(np.uint64)
-    widths = widths.astype(np.int64)
+    """Concatenate `codes` (each `widths` bits wide, at most 32) MSB-first; pad as the SDK does.
+
+    Written into 32-bit words: a code starting at bit offset o < 32 of its word ends within that word or
+    the next, so shifted into a 64-bit window it contributes one high and one low half-word. Bits never
+    overlap, so the halves landing in the same word are summed (bincount, exact: float64 holds 32 bits).
+    """
+    widths = np.asarray(widths, dtype=np.int64)
+    if widths.size and int(widths.max()) > 32:
+        raise ValueError("codes wider than 32 bits are not supported")
     ends = np.cumsum(widths)
     total_bits = int(ends[-1]) if ends.size else 0
-    starts = ends - widths
     n_bytes = (total_bits + (8 - total_bits % 8)) // 8  # the SDK pads 8 zero bits when already aligned
-    n_words = -(-n_bytes // 8) + 1
-    words = np.zeros(n_words, dtype=np.uint64)
-
-    word_index = starts // 64
-    offset = starts % 64
-    spill = offset + widths > 64
-    fits = ~spill
-    # Bits never overlap, so adding contributions per word equals OR-ing them.
-    first = np.where(fits,
-                     codes << (64 - offset - widths).clip(0, 63).astype(np.uint64),
-                     codes >> (offset + widths - 64).clip(0, 63).astype(np.uint64))
-    _accumulate(words, word_index, first)
-    if spill.any():
-        rest_shift = (128 - offset[spill] - widths[spill]).astype(np.uint64)
-        _accumulate(words, word_index[spill] + 1, codes[spill] << rest_shift)
-    return words.astype(">u8").tobytes()[:n_bytes]
-
-
-def _accumulate(words: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
-    if index.size == 0:
-        return
-    # `index` is non-decreasing: sum each group of equal indices with one reduceat.
-    group_starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
-    words[index[group_starts]] += np.add.reduceat(values, group_starts)
+    n_words = n_bytes // 4 + 2
+    starts = ends - widths
+    word = starts >> 5
+    window = np.asarray(codes, dtype=np.uint64) << (64 - (starts & 31) - widths).astype(np.uint64)
+    halves = window.view(np.uint32).reshape(-1, 2)
+    high, low = (halves[:, 1], halves[:, 0]) if sys.byteorder == "little" else (halves[:, 0], halves[:, 1])
+    words = np.bincount(word, weights=high, minlength=n_words)
+    words[1:] += np.bincount(word, weights=low, minlength=n_words)[:-1]
+    return words.astype(">u4").tobytes()[:n_bytes]
 
 
 def encode_runs(lengths: np.ndarray, values: np.ndarray, total: int) -> bytes:
@@ -90,17 +87,12 @@ def encode_runs(lengths: np.ndarray, values: np.ndarray, total: int) -> bytes:
         run_len = piece_len = lengths
         val = values
 
-    # widths 3/4/8/16 bits for runs up to 8/16/256/more (chosen by the whole run's length, as the SDK does)
-    size_index = (run_len > 8).astype(np.int64) + (run_len > 16) + (run_len > 256)
-    size_bits = np.asarray(RLE_SIZES, dtype=np.int64)[size_index]
-    flag = (run_len > 1).astype(np.uint64)  # single values are written as one-value literals
-    length_field = (piece_len - 1).astype(np.uint64)
-    sb = size_bits.astype(np.uint64)
-    chunk = ((flag << (sb + np.uint64(2 + WORD_SIZE)))
-             | (size_index.astype(np.uint64) << (sb + np.uint64(WORD_SIZE)))
-             | (length_field << np.uint64(WORD_SIZE))
-             | val)
-    chunk_bits = 3 + size_bits + WORD_SIZE
+    # widths 3/4/8/16 bits for runs up to 8/16/256/more (chosen by the whole run's length, as the SDK does);
+    # single values are written as one-value literals (flag 0)
+    size_index = np.searchsorted(_SIZE_LIMITS, run_len)
+    chunk = (_CHUNK_HEADS[size_index + 4 * (run_len > 1)]
+             | ((piece_len - 1).astype(np.uint64) << np.uint64(WORD_SIZE)) | val)
+    chunk_bits = _CHUNK_BITS[size_index]
 
     header = np.array([total, WORD_SIZE - 1, *[s - 1 for s in RLE_SIZES]], dtype=np.uint64)
     header_bits = np.array([32, 5, 4, 4, 4, 4], dtype=np.int64)
