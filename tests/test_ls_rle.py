@@ -12,6 +12,7 @@ from labelstudio_helpers import LS_PAYLOADS, ls_python
 
 from tinysam_kit.operators.encodings.labelstudio import (
     RLEError,
+    _pack_codes,
     decode_rle,
     encode_rle,
     mask_to_rle,
@@ -69,6 +70,21 @@ def test_byte_for_byte_with_label_studio_sdk():
         assert mask_to_rle(mask) == expected, mask.shape
     for flat, expected in zip(flats, sdk["flats"]):
         assert encode_rle(flat) == expected
+
+
+def test_bit_packer_equals_a_plain_bit_string():
+    """Codes of every width 1..32 at every offset within the 32-bit words, against Python's integers."""
+    rng = np.random.default_rng(11)
+    for count in (0, 1, 2, 7, 33, 500):
+        widths = rng.integers(1, 33, count)
+        codes = rng.integers(0, 1 << 32, count, dtype=np.uint64) & ((np.uint64(1) << widths.astype(np.uint64))
+                                                                     - np.uint64(1))
+        bits = "".join(format(int(c), f"0{int(w)}b") for c, w in zip(codes, widths))
+        bits += "0" * (8 - len(bits) % 8)  # the SDK's padding: 1–8 zero bits
+        expected = int(bits, 2).to_bytes(len(bits) // 8, "big")
+        assert _pack_codes(codes, widths) == expected, count
+    with pytest.raises(ValueError, match="32 bits"):
+        _pack_codes(np.array([1], np.uint64), np.array([33]))
 
 
 @pytest.mark.parametrize("mask", list(_masks()), ids=lambda m: f"{m.shape[0]}x{m.shape[1]}")
