@@ -29,7 +29,7 @@ from ..models.sam import TinySam
 from .fast_decoder import DecoderImageSide, DecoderPromptSide, SparseEmbedder
 
 OPSET = 17
-EXPORT_FORMAT = 3  # bump when the graphs change (inputs, outputs or computation): stale cached exports are redone
+EXPORT_FORMAT = 4  # bump when the graphs change (inputs, outputs or computation): stale cached exports are redone
 PARTS = ("encoder", "decoder_image", "decoder_prompt")
 SIDE_NAMES = ("keys0", "k_t2i", "v_t2i", "q_i2t")
 

@@ -4,12 +4,12 @@ In SAM's two-way transformer the first layer's image-side inputs do not depend o
 (image embedding + dense prompt embedding, which is the constant `no_mask_embed` unless a mask is given),
 the positional encoding, and three projections of them (token→image keys and values, image→token queries).
 The exact decoder recomputes them for every prompt of a batch, expanded to the batch size. Here they are
-computed once (`DecoderImageSide`) and broadcast against any number of prompts (`DecoderPromptSide`), which
-saves about a quarter of the decoder's arithmetic and all of its batch-sized copies of the embedding.
-The per-prompt cross-attentions then fold their projections of the 4096 image tokens into the handful of
-prompt tokens (`token_to_image`, `image_to_token`), halving the rest; with the softmax laid out along the
-image axis and no head transpositions of image-sized tensors, one click decodes about 3× faster than
-`MaskDecoder.forward` on CPU (benchmarks/bench_core.py).
+computed once (`DecoderImageSide`, which also stores them split into attention heads) and broadcast against
+any number of prompts (`DecoderPromptSide`), which saves about a quarter of the decoder's arithmetic and all
+of its batch-sized copies of the embedding. The later cross-attentions fold their projections of the 4096
+image tokens into the handful of prompt tokens (`token_to_image`, `image_to_token`), halving the rest; with
+the softmax laid out along the image axis and no per-prompt head transpositions of image-sized tensors, one
+click decodes about 3× faster than `MaskDecoder.forward` on CPU (benchmarks/bench_core.py).
 
 Both halves reuse the model's own modules and weights; the function is `MaskDecoder.forward`'s up to
 floating-point summation order (tested: logits within 1e-4 + 2e-6 of their scale, same masks).
@@ -30,7 +30,8 @@ from ..models.sam import TinySam
 class DecoderImageSide(nn.Module):
     """(image embedding, dense prompt embedding) → the prompt-independent tensors of layer 0.
 
-    Outputs, all (M, HW, ·) with M = 1 without a mask input: keys0, k_t2i, v_t2i, q_i2t.
+    Outputs, with M = 1 without a mask input: keys0 (M, HW, C) and the three projections already split into
+    heads (`_cached_heads`): k_t2i (M, H, d, HW), v_t2i (M, H, HW, d), q_i2t (M, H, d, HW).
     """
 
     def __init__(self, model: TinySam) -> None:
@@ -45,11 +46,18 @@ class DecoderImageSide(nn.Module):
         # contiguous: every prompt reads it several times, and strided reads of it cost more than the copy
         keys0 = (image_embedding + dense).flatten(2).permute(0, 2, 1).contiguous()
         k = keys0 + self.image_pe
-        layer = self.layer0
-        k_t2i = layer.cross_attn_token_to_image.k_proj(k)
-        v_t2i = layer.cross_attn_token_to_image.v_proj(keys0)
-        q_i2t = layer.cross_attn_image_to_token.q_proj(k)
+        t2i, i2t = self.layer0.cross_attn_token_to_image, self.layer0.cross_attn_image_to_token
+        k_t2i = _cached_heads(t2i.k_proj(k), t2i.num_heads, transposed=True)
+        v_t2i = _cached_heads(t2i.v_proj(keys0), t2i.num_heads, transposed=False)
+        q_i2t = _cached_heads(i2t.q_proj(k), i2t.num_heads, transposed=True)
         return keys0, k_t2i, v_t2i, q_i2t
+
+
+def _cached_heads(x: torch.Tensor, heads: int, transposed: bool) -> torch.Tensor:
+    """(M, N, H·d) → (M, H, d, N) or (M, H, N, d), stored contiguous: once per image, so that every prompt's
+    products against it are per-head products (H× less arithmetic than one block-diagonal product)."""
+    x = _heads(x, heads)
+    return (x.transpose(2, 3) if transposed else x).contiguous()
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -79,36 +87,20 @@ def token_to_image(attn: nn.Module, q_tokens: torch.Tensor, k_image: torch.Tenso
     return attn.out_proj(out)
 
 
-def _head_eye(x: torch.Tensor) -> torch.Tensor:
-    """(1, H, 1, H, 1) identity over the heads of `x` (B, H, T, d), broadcastable as a block-diagonal mask."""
-    heads = x.shape[1]
-    return torch.eye(heads, dtype=x.dtype, device=x.device).reshape(1, heads, 1, heads, 1)
-
-
-def _block_diagonal(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, d) → (B, H·T, H·d) with head h's (T, d) block on the diagonal: one product against an
-    N-long (N, H·d) tensor then gives every head's scores without splitting the long tensor into heads."""
-    b, heads, t, d = x.shape
-    return (x.unsqueeze(3) * _head_eye(x)).reshape(b, heads * t, heads * d)
-
-
 def _softmax_over_axis2(x: torch.Tensor) -> torch.Tensor:
     e = torch.exp(x - x.amax(dim=2, keepdim=True))
     return e / e.sum(dim=2, keepdim=True)
 
 
-def token_to_cached_image(attn: nn.Module, q_tokens: torch.Tensor, k_projected: torch.Tensor,
-                          v_projected: torch.Tensor) -> torch.Tensor:
-    """`attn.attend` for T prompt-token queries against the image's cached key/value projections (1, N, H·d),
-    with the heads as a block-diagonal query matrix (H·T, H·d): the N-long tensors are used as stored,
-    never split into heads (that transposition costs more than the products)."""
+def token_to_cached_image(attn: nn.Module, q_tokens: torch.Tensor, k_heads: torch.Tensor,
+                          v_heads: torch.Tensor) -> torch.Tensor:
+    """`attn.attend` for T prompt-token queries against the image's cached key/value projections, stored split
+    into heads by `DecoderImageSide`: k (1, H, d, N), v (1, H, N, d)."""
     heads = attn.num_heads
     q = _heads(attn.q_proj(q_tokens), heads)  # (B, H, T, d)
     b, _, t, d = q.shape
-    block = _block_diagonal(q) * (1.0 / math.sqrt(d))
-    weights = torch.softmax(block @ k_projected.transpose(1, 2), dim=-1)  # (B, H·T, N)
-    pooled = (weights @ v_projected).reshape(b, heads, t, heads, d)  # every head's weights × all heads' values
-    out = (pooled * _head_eye(q)).sum(dim=3)  # keep head h's values for head h's weights
+    weights = torch.softmax((q * (1.0 / math.sqrt(d))) @ k_heads, dim=-1)  # (B, H, T, N)
+    out = weights @ v_heads  # (B, H, T, d)
     return attn.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
 
 
@@ -117,7 +109,8 @@ def image_to_token(attn: nn.Module, q_image: torch.Tensor | None, k_tokens: torc
     """`attn(q_image, k_tokens, v_tokens)` for N image queries against T prompt tokens, with the query
     projection folded into the tokens' keys ((x W_q + b_q)·k = x·(W_q k) + b_q·k) and the output projection
     into the tokens' values (Σ_h p_h v_h W_o,h), both as (N, C) × (C, H·T) products. `q_projected` (the
-    cached q_proj of the first layer) replaces `q_image` and then only the output side is folded.
+    cached q_proj of the first layer, split into heads (1, H, d, N)) replaces `q_image` and then only the
+    output side is folded.
     """
     heads = attn.num_heads
     k = _heads(attn.k_proj(k_tokens), heads)  # (B, H, T, d)
@@ -130,9 +123,8 @@ def image_to_token(attn: nn.Module, q_image: torch.Tensor | None, k_tokens: torc
         folded = folded.permute(0, 2, 1, 3).reshape(b, c, heads * t)
         offset = (k @ attn.q_proj.bias.reshape(heads, d, 1)).reshape(b, 1, heads * t) * scale
         scores = folded.transpose(1, 2) @ q_image.transpose(1, 2) + offset.transpose(1, 2)  # (B, H·T, N)
-    else:
-        # block-diagonal keys: head h's queries only meet head h's keys
-        scores = (_block_diagonal(k) * scale) @ q_projected.transpose(1, 2)
+    else:  # the cached queries, split into heads (1, H, d, N): per-head scores (B, H, T, N)
+        scores = ((k * scale) @ q_projected).reshape(b, heads * t, -1)
     # scores are laid out (B, H·T, N) and the softmax over a head's T tokens is written out along axis 2:
     # every step then runs over N-long rows (PyTorch's softmax over a last axis of T ≈ 7 is several times
     # slower, and ONNX Runtime's over a middle axis transposes twice)
