@@ -6,6 +6,7 @@ import gc
 
 import pytest
 import torch
+from runtime_helpers import assert_token_choices_match_full_decode, prompt_sets
 
 from tinysam_kit.models.registry import load_model_with_info
 from tinysam_kit.runtime import EngineUnavailableError, TorchEngine, create_engine
@@ -87,21 +88,6 @@ def test_fold_batchnorms_counts_pairs(tiny_model):
     assert fold_batchnorms(enc) == pairs > 0
 
 
-def _prompt_sets(size: int, batch: int = 3, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    coords = torch.rand((batch, 3, 2), generator=g) * size
-    labels = torch.randint(0, 2, (batch, 3), generator=g).float()
-    boxes = torch.sort(torch.rand((batch, 2, 2), generator=g) * size, dim=1).values.reshape(batch, 4)
-    mask = torch.randn((batch, 1, size // 4, size // 4), generator=g) * 8
-    return {
-        "points": (coords, labels, None, None),
-        "points_box": (coords, labels, boxes, None),
-        "box": (None, None, boxes, None),
-        "points_mask": (coords, labels, None, mask),
-        "mask_only": (None, None, None, mask[:1]),
-    }
-
-
 @pytest.fixture(scope="module")
 def reference_model_and_embedding(reference_dir, reference_image):
     from tinysam_kit.models.checkpoint import load_checkpoint
@@ -118,7 +104,7 @@ def test_split_decoder_matches_model_decode(reference_model_and_embedding, case)
     from tinysam_kit.runtime.fast_decoder import DecoderPromptSide
 
     model, emb = reference_model_and_embedding
-    args = _prompt_sets(1024)[case]
+    args = prompt_sets(1024)[case]
     with torch.inference_mode():
         ref_logits, ref_iou = model.decode(emb, *args)
     # The split decoder folds the attention projections into the prompt tokens (another summation order),
@@ -154,11 +140,21 @@ def test_exact_engine_is_the_model_code(tiny_model):
     engine = TorchEngine(tiny_model, device="cpu", exact=True)
     assert engine.encoder is engine.model.image_encoder and engine.decoder_mode == "exact"
     emb = engine.encode(torch.zeros(1, 3, 256, 256))
-    args = _prompt_sets(256)["points_box"]
+    args = prompt_sets(256)["points_box"]
     with torch.inference_mode():
         ref = tiny_model.decode(emb, *args)
     got = engine.decode(emb, *args)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_decoding_only_the_chosen_mask_tokens(tiny_model, exact):
+    """A click's best mask (or SAM's single or multimask outputs) computed alone equals picking it from all
+    four; the split decoder projects only the chosen tokens' masks."""
+    engine = TorchEngine(tiny_model, device="cpu", exact=exact)
+    emb = engine.encode(torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))
+    for case in ("points", "points_box", "mask_only"):
+        assert_token_choices_match_full_decode(engine, emb, prompt_sets(256, batch=6)[case])
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="no native bf16 matrix units on this CPU")

@@ -101,6 +101,15 @@ def test_onnx_engine_matches_torch_predictor(tiny_export, tiny_random_checkpoint
     assert l_o.shape == (5, 3, 64, 64) and np.abs(l_t - l_o).max() <= 1e-3
 
 
+def test_onnx_engine_decodes_only_the_chosen_mask_tokens(tiny_export, tiny_random_checkpoint):
+    from runtime_helpers import assert_token_choices_match_full_decode, prompt_sets
+
+    engine = create_engine(str(tiny_random_checkpoint), engine="onnx", device="cpu")
+    emb = engine.encode(torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))
+    for case in ("points", "points_box", "mask_only"):
+        assert_token_choices_match_full_decode(engine, emb, prompt_sets(256, batch=6)[case])
+
+
 def test_mask_only_prompt(tiny_export):
     directory, stem, _ = tiny_export
     engine = OnnxEngine(directory, stem, device="cpu")

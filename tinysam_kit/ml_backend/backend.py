@@ -19,7 +19,13 @@ import torch
 
 from ..operators.encodings.labelstudio import mask_to_rle
 from ..operators.images import ImageError, load_image
-from ..operators.predictor import ImageEmbedding, PromptError, TinySamPredictor
+from ..operators.predictor import (
+    BEST_MULTIMASK,
+    SINGLE_MASK_TOKENS,
+    ImageEmbedding,
+    PromptError,
+    TinySamPredictor,
+)
 from .fetch import ImageFetcher, ImageFetchError
 from .label_config import Control, LabelConfig, LabelConfigError, parse_label_config
 from .settings import BackendSettings
@@ -244,11 +250,9 @@ def decode_prompt(predictor: TinySamPredictor, state: ImageEmbedding, points_px,
         np.asarray(points_px, dtype=np.float64) if points_px else None,
         np.asarray(labels, dtype=np.int64) if points_px else None,
         np.asarray(box_px, dtype=np.float64) if box_px is not None else None)
-    low_res, iou = predictor.decode(state, coords, point_labels, boxes, None)
-    tokens = slice(1, None) if single_click else slice(0, 1)
-    low_res, iou = low_res[0, tokens], iou[0, tokens]
-    best = int(torch.argmax(iou))
-    return low_res[best:best + 1], float(iou[best])
+    low_res, iou = predictor.decode(state, coords, point_labels, boxes, None,
+                                    tokens=(BEST_MULTIMASK,) if single_click else SINGLE_MASK_TOKENS)
+    return low_res[0], float(iou[0, 0])
 
 
 def full_mask(predictor: TinySamPredictor, state: ImageEmbedding, low_res: torch.Tensor) -> np.ndarray:

@@ -18,7 +18,7 @@ from ..models.registry import recommended_everything_params
 from .encodings.coco import masks_to_uncompressed_rle, rle_area, to_coco_rle, uncompressed_rle_to_mask
 from .images import load_image, to_rgb_uint8
 from .nms import masks_to_boxes, single_class_nms
-from .predictor import UPSAMPLE_PIXEL_BUDGET, ImageEmbedding, PromptError, TinySamPredictor
+from .predictor import MULTIMASK_TOKENS, UPSAMPLE_PIXEL_BUDGET, ImageEmbedding, PromptError, TinySamPredictor
 from .upsampling import FullResolution, resize_logits, whole_resize_is_cheap
 
 MODES = ("hierarchical", "dense")
@@ -210,9 +210,8 @@ class EverythingGenerator:
             batch = points[start : start + p.points_per_batch]
             coords = torch.from_numpy(self.predictor.transform_coords(batch, state))[:, None, :]
             labels = torch.ones((len(batch), 1), dtype=torch.float32)
-            low_res, iou = self.predictor.decode(state, coords, labels)
+            low_res, iou = self.predictor.decode(state, coords, labels, tokens=MULTIMASK_TOKENS)
             self.stats["prompts_decoded"] += len(batch)
-            low_res, iou = low_res[:, 1:], iou[:, 1:]
             k = iou.shape[1]
             low_res = low_res.reshape(-1, *low_res.shape[-2:])
             iou = iou.reshape(-1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..models.sam import PIXEL_MEAN, PIXEL_STD
-from ..runtime import Engine, create_engine
+from ..runtime import ALL_TOKENS, BEST_MULTIMASK, MULTIMASK_TOKENS, SINGLE_MASK_TOKENS, Engine, create_engine
 from .images import load_image, to_rgb_uint8
 from .upsampling import mask_from_low_res, resize_logits
 
@@ -281,15 +281,18 @@ class TinySamPredictor:
         return coords_t, labels_t, boxes_t, mask_t
 
     # --------------------------------------------------------------- decoding
-    def decode(self, state: ImageEmbedding, coords=None, labels=None, boxes=None, mask_input=None):
-        """Input-frame prompts → (low-res logits of all tokens (B, 4, s, s), IoU predictions (B, 4))."""
-        return self.engine.decode(state.embedding, coords, labels, boxes, mask_input)
+    def decode(self, state: ImageEmbedding, coords=None, labels=None, boxes=None, mask_input=None,
+               tokens=ALL_TOKENS):
+        """Input-frame prompts → (low-res logits (B, K, s, s), IoU predictions (B, K)) of the mask tokens
+        chosen by `tokens` (see `runtime.base`; default all four)."""
+        return self.engine.decode(state.embedding, coords, labels, boxes, mask_input, tokens)
 
-    def _decode_prompts(self, image_embedding, point_coords, point_labels, boxes, mask_input, batched=False):
-        """Validated user prompts → (state, low-res logits of all tokens, IoU predictions)."""
+    def _decode_prompts(self, image_embedding, point_coords, point_labels, boxes, mask_input, batched=False,
+                        tokens=ALL_TOKENS):
+        """Validated user prompts → (state, low-res logits of the chosen tokens, their IoU predictions)."""
         state = self._state(image_embedding)
         prompts = self.prepare_prompts(state, point_coords, point_labels, boxes, mask_input, batched=batched)
-        return (state, *self.decode(state, *prompts))
+        return (state, *self.decode(state, *prompts, tokens=tokens))
 
     def iter_upsampled(self, low_res: torch.Tensor, state: ImageEmbedding,
                        pixel_budget: int = UPSAMPLE_PIXEL_BUDGET) -> Iterator[tuple[int, torch.Tensor]]:
@@ -321,9 +324,7 @@ class TinySamPredictor:
                               self.engine_threshold, out=mask)
         return out
 
-    def _finish(self, low_res, iou, state, multimask_output, return_logits):
-        sel = slice(1, None) if multimask_output else slice(0, 1)
-        low_res, iou = low_res[:, sel], iou[:, sel]
+    def _finish(self, low_res, iou, state, return_logits):
         b, k = iou.shape
         flat = low_res.reshape(b * k, *low_res.shape[-2:])
         if return_logits:
@@ -340,16 +341,17 @@ class TinySamPredictor:
                 multimask_output: bool = True, return_logits: bool = False,
                 image_embedding: ImageEmbedding | None = None):
         """One prompt → (masks (K, H, W) bool, predicted IoUs (K,), low-res logits (K, s, s)); K = 3 or 1."""
-        state, low_res, iou = self._decode_prompts(image_embedding, point_coords, point_labels, box, mask_input)
-        masks, scores, logits = self._finish(low_res, iou, state, multimask_output, return_logits)
+        state, low_res, iou = self._decode_prompts(image_embedding, point_coords, point_labels, box, mask_input,
+                                                   tokens=_tokens(multimask_output))
+        masks, scores, logits = self._finish(low_res, iou, state, return_logits)
         return masks[0], scores[0], logits[0]
 
     def predict_best(self, point_coords=None, point_labels=None, box=None, mask_input=None,
                      image_embedding: ImageEmbedding | None = None) -> tuple[np.ndarray, float]:
-        """The mask with the highest predicted IoU of the three, and that IoU (only it is upsampled)."""
-        state, low_res, iou = self._decode_prompts(image_embedding, point_coords, point_labels, box, mask_input)
-        best = 1 + int(torch.argmax(iou[0, 1:]))
-        return self.masks_from_low_res(low_res[0, best:best + 1], state)[0], float(iou[0, best])
+        """The mask with the highest predicted IoU of the three, and that IoU (only it is made)."""
+        state, low_res, iou = self._decode_prompts(image_embedding, point_coords, point_labels, box, mask_input,
+                                                   tokens=(BEST_MULTIMASK,))
+        return self.masks_from_low_res(low_res[0], state)[0], float(iou[0, 0])
 
     def predict_batch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                       multimask_output: bool = True, return_logits: bool = False,
@@ -357,5 +359,9 @@ class TinySamPredictor:
         """B prompts (point sets (B, N, 2) and/or boxes (B, 4)) in one decoder call →
         masks (B, K, H, W), IoUs (B, K), low-res logits (B, K, s, s)."""
         state, low_res, iou = self._decode_prompts(image_embedding, point_coords, point_labels, boxes, mask_input,
-                                                   batched=True)
-        return self._finish(low_res, iou, state, multimask_output, return_logits)
+                                                   batched=True, tokens=_tokens(multimask_output))
+        return self._finish(low_res, iou, state, return_logits)
+
+
+def _tokens(multimask_output: bool) -> tuple[int, ...]:
+    return MULTIMASK_TOKENS if multimask_output else SINGLE_MASK_TOKENS

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .base import Engine, EngineInfo, EngineUnavailableError
+from .base import (
+    ALL_TOKENS,
+    BEST_MULTIMASK,
+    MULTIMASK_TOKENS,
+    SINGLE_MASK_TOKENS,
+    Engine,
+    EngineInfo,
+    EngineUnavailableError,
+)
 from .torch_engine import TorchEngine, resolve_device
 
 ENGINES = ("torch", "onnx")
@@ -33,4 +41,5 @@ def create_engine(model: str = "tinysam", *, engine: str = "torch", precision: s
                        threads=threads, **options)
 
 
-__all__ = ["Engine", "EngineInfo", "EngineUnavailableError", "TorchEngine", "create_engine", "resolve_device"]
+__all__ = ["ALL_TOKENS", "BEST_MULTIMASK", "MULTIMASK_TOKENS", "SINGLE_MASK_TOKENS", "Engine", "EngineInfo",
+           "EngineUnavailableError", "TorchEngine", "create_engine", "resolve_device"]

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+# Mask tokens an engine's `decode` can be asked for: SAM's single-mask token 0, its three multimask tokens,
+# or BEST_MULTIMASK, whichever multimask token predicts the highest IoU (what a single click is answered with).
+BEST_MULTIMASK = -1
+ALL_TOKENS = (0, 1, 2, 3)
+SINGLE_MASK_TOKENS = (0,)
+MULTIMASK_TOKENS = (1, 2, 3)
 
 
 class EngineUnavailableError(RuntimeError):
@@ -49,9 +57,12 @@ class Engine(Protocol):
         point_labels: torch.Tensor | None,
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
+        tokens: Sequence[int] = ALL_TOKENS,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the padded S×S frame: coords (B, N, 2), labels (B, N), boxes (B, 4),
-        mask_input (B, 1, 4e, 4e) → logits (B, 4, 4e, 4e) of all mask tokens and IoU (B, 4)."""
+        mask_input (B, 1, 4e, 4e) → logits (B, K, 4e, 4e) and IoU predictions (B, K) of the K mask tokens
+        chosen by `tokens`: indices 0–3, or -1 for the multimask token (1–3) with the highest predicted IoU.
+        Engines compute the masks of the chosen tokens only."""
 
     def embedding_nbytes(self, embedding: Any) -> int:
         """Memory held by an embedding, for the byte-bounded cache."""

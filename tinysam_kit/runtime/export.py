@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from ..models.sam import TinySam
+from .base import ALL_TOKENS
 from .fast_decoder import DecoderImageSide, DecoderPromptSide, SparseEmbedder
 
 OPSET = 17
-EXPORT_FORMAT = 4  # bump when the graphs change (inputs, outputs or computation): stale cached exports are redone
+EXPORT_FORMAT = 5  # bump when the graphs change (inputs, outputs or computation): stale cached exports are redone
 PARTS = ("encoder", "decoder_image", "decoder_prompt")
 SIDE_NAMES = ("keys0", "k_t2i", "v_t2i", "q_i2t")
 
@@ -61,8 +62,8 @@ class DecoderPromptGraph(nn.Module):
         self.embed = SparseEmbedder(model)
         self.side = DecoderPromptSide(model)
 
-    def forward(self, keys0, k_t2i, v_t2i, q_i2t, point_coords, point_labels):
-        return self.side(keys0, k_t2i, v_t2i, q_i2t, self.embed(point_coords, point_labels))
+    def forward(self, keys0, k_t2i, v_t2i, q_i2t, point_coords, point_labels, mask_tokens):
+        return self.side(keys0, k_t2i, v_t2i, q_i2t, self.embed(point_coords, point_labels), mask_tokens)
 
 
 @dataclass
@@ -168,7 +169,8 @@ def run_parity(files: dict[str, Path], model: TinySam, *, providers=None) -> dic
         # Decode from PyTorch's embedding so each graph is judged on its own error.
         side = img.run(None, {"image_embedding": ref_emb.numpy(), "mask_input": m, "has_mask_input": has})
         feeds = dict(zip(SIDE_NAMES, side))
-        feeds.update(point_coords=coords.numpy(), point_labels=labels.numpy())
+        feeds.update(point_coords=coords.numpy(), point_labels=labels.numpy(),
+                     mask_tokens=np.array(ALL_TOKENS, np.int64))
         logits, iou = prm.run(None, feeds)
         report[f"logits_{name}"] = max_abs_diff(logits, ref[name][0])
         report[f"iou_{name}"] = max_abs_diff(iou, ref[name][1])
@@ -205,13 +207,15 @@ def _export_graphs(model: TinySam, directory: Path, stem: str, opset: int) -> di
                           dynamic_axes={"mask_input": {0: "masks"}, **{n: {0: "masks"} for n in SIDE_NAMES}},
                           **common)
         side = DecoderImageGraph(model)(emb, mask[:1], torch.zeros(1))
-        torch.onnx.export(DecoderPromptGraph(model), (*side, coords, labels), str(files["decoder_prompt"]),
-                          input_names=[*SIDE_NAMES, "point_coords", "point_labels"],
+        tokens = torch.tensor(ALL_TOKENS)
+        torch.onnx.export(DecoderPromptGraph(model), (*side, coords, labels, tokens), str(files["decoder_prompt"]),
+                          input_names=[*SIDE_NAMES, "point_coords", "point_labels", "mask_tokens"],
                           output_names=["low_res_logits", "iou_predictions"],
                           dynamic_axes={**{n: {0: "masks"} for n in SIDE_NAMES},
                                         "point_coords": {0: "prompts", 1: "points"},
-                                        "point_labels": {0: "prompts", 1: "points"},
-                                        "low_res_logits": {0: "prompts"}, "iou_predictions": {0: "prompts"}},
+                                        "point_labels": {0: "prompts", 1: "points"}, "mask_tokens": {0: "tokens"},
+                                        "low_res_logits": {0: "prompts", 1: "tokens"},
+                                        "iou_predictions": {0: "prompts"}},
                           **common)
     return files
 

@@ -138,8 +138,28 @@ def image_to_token(attn: nn.Module, q_image: torch.Tensor | None, k_tokens: torc
     return weights.transpose(1, 2) @ values
 
 
+def token_index(iou: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 4) predicted IoUs and a (K,) token choice (indices, or BEST_MULTIMASK) → (B, K) token indices.
+    Ties go to the first token, as `torch.argmax` and ONNX ArgMax both resolve them."""
+    best = iou[:, 1:].argmax(dim=1, keepdim=True) + 1
+    return torch.where(tokens < 0, best, tokens.unsqueeze(0))
+
+
+def chosen_tokens(logits: torch.Tensor, iou: torch.Tensor, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, 4, s, s) and IoU (B, 4) of every token → those of the chosen tokens, (B, K, s, s), (B, K)."""
+    if tuple(tokens) == tuple(range(logits.shape[1])):
+        return logits, iou
+    index = token_index(iou, torch.as_tensor(tokens, dtype=torch.int64))
+    picked = logits.gather(1, index[:, :, None, None].expand(-1, -1, *logits.shape[-2:]))
+    return picked, iou.gather(1, index)
+
+
 class DecoderPromptSide(nn.Module):
-    """(image-side tensors, sparse prompt embeddings (B, T, C)) → logits (B, 4, 4e, 4e), IoU (B, 4).
+    """(image-side tensors, sparse prompt embeddings (B, T, C), token choice (K,)) → logits (B, K, 4e, 4e)
+    of the chosen mask tokens and the IoU predictions of all four (B, 4).
+
+    Only the chosen tokens' masks are projected and laid out (the per-pixel features they share are computed
+    once either way): a click answered with its best mask skips three quarters of that work.
 
     The cross-attentions run in the folded form of `token_to_image` / `image_to_token`: the same function
     with about half the arithmetic for prompts of up to a dozen points (float rounding differs).
@@ -156,7 +176,7 @@ class DecoderPromptSide(nn.Module):
             pe = model.prompt_encoder.get_dense_pe()
         self.register_buffer("image_pe", pe.flatten(2).permute(0, 2, 1).contiguous(), persistent=False)
 
-    def forward(self, keys0, k_t2i, v_t2i, q_i2t, sparse):
+    def forward(self, keys0, k_t2i, v_t2i, q_i2t, sparse, mask_tokens: torch.Tensor):
         dec = self.decoder
         transformer = dec.transformer
         n = sparse.shape[0]
@@ -193,6 +213,9 @@ class DecoderPromptSide(nn.Module):
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1
         )
+        iou = dec.iou_prediction_head(queries[:, 0, :])
+        index = token_index(iou, mask_tokens)
+        hyper_in = hyper_in.gather(1, index.unsqueeze(-1).expand(-1, -1, hyper_in.shape[-1]))
         if self.gemm_upscale:
             masks = self.upscale_and_project(keys, hyper_in)
         else:  # the model's own transposed convolutions
@@ -201,7 +224,7 @@ class DecoderPromptSide(nn.Module):
             upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(b, c, e, e))
             b, c, h, w = upscaled.shape
             masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        return masks, dec.iou_prediction_head(queries[:, 0, :])
+        return masks, iou
 
     def upscale_and_project(self, keys: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
         """`output_upscaling` followed by the hypernetwork product, as matrix products.
@@ -307,14 +330,15 @@ def points_with_boxes(point_coords: torch.Tensor | None, point_labels: torch.Ten
 PROMPT_CHUNK = 4
 
 
-def decode_in_chunks(decode_fn, point_coords, point_labels, boxes, mask_input, chunk: int = PROMPT_CHUNK):
+def decode_in_chunks(decode_fn, point_coords, point_labels, boxes, mask_input, tokens,
+                     chunk: int = PROMPT_CHUNK):
     """Run `decode_fn` over batch slices of at most `chunk` prompts and concatenate the results."""
     batch = next(t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None)
     if batch <= chunk:
-        return decode_fn(point_coords, point_labels, boxes, mask_input)
+        return decode_fn(point_coords, point_labels, boxes, mask_input, tokens)
     outs = []
     for start in range(0, batch, chunk):
         part = slice(start, start + chunk)
         outs.append(decode_fn(*(None if t is None else t[part] for t in (point_coords, point_labels, boxes,
-                                                                          mask_input))))
+                                                                          mask_input)), tokens))
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import EngineInfo, EngineUnavailableError
+from .base import ALL_TOKENS, EngineInfo, EngineUnavailableError
 from .export import PARTS, SIDE_NAMES, ensure_export, part_name, read_manifest
-from .fast_decoder import decode_in_chunks, points_with_boxes
+from .fast_decoder import decode_in_chunks, points_with_boxes, token_index
 from .torch_engine import ImageSideCache
 
 _SESSIONS: dict[tuple, object] = {}
@@ -138,11 +138,11 @@ class OnnxEngine:
                  "has_mask_input": np.zeros(1, np.float32)}
         return self.image_side_cache.get(embedding, lambda: self.decoder_image.run(None, feeds))
 
-    def decode(self, embedding, point_coords, point_labels, boxes, mask_input):
+    def decode(self, embedding, point_coords, point_labels, boxes, mask_input, tokens=ALL_TOKENS):
         return decode_in_chunks(lambda *a: self._decode(embedding, *a), point_coords, point_labels, boxes,
-                                mask_input)
+                                mask_input, np.asarray(tokens, dtype=np.int64).reshape(-1))
 
-    def _decode(self, embedding, point_coords, point_labels, boxes, mask_input):
+    def _decode(self, embedding, point_coords, point_labels, boxes, mask_input, tokens):
         prompts = points_with_boxes(point_coords, point_labels, boxes)
         if prompts is None:  # mask-only prompt: no sparse tokens at all, as in the exact prompt encoder
             batch = mask_input.shape[0]
@@ -152,9 +152,9 @@ class OnnxEngine:
         side = self.image_side(embedding, mask_input)
         feeds = dict(zip(SIDE_NAMES, side))
         feeds.update(point_coords=np.ascontiguousarray(coords, np.float32),
-                     point_labels=np.ascontiguousarray(labels, np.float32))
-        logits, iou = self.decoder_prompt.run(None, feeds)
-        return torch.from_numpy(logits), torch.from_numpy(iou)
+                     point_labels=np.ascontiguousarray(labels, np.float32), mask_tokens=tokens)
+        logits, iou = (torch.from_numpy(a) for a in self.decoder_prompt.run(None, feeds))
+        return logits, iou.gather(1, token_index(iou, torch.from_numpy(tokens)))
 
     def embedding_nbytes(self, embedding: np.ndarray) -> int:
         # The decoder's image-side cache entry lives as long as the embedding: about 2.5× its size.

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..models.sam import TinySam
-from .base import EngineInfo, EngineUnavailableError
-from .fast_decoder import DecoderImageSide, DecoderPromptSide, decode_in_chunks
+from .base import ALL_TOKENS, EngineInfo, EngineUnavailableError
+from .fast_decoder import DecoderImageSide, DecoderPromptSide, chosen_tokens, decode_in_chunks, token_index
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -208,17 +208,17 @@ class TorchEngine:
             nomask = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
             return self.image_side_cache.get(embedding, lambda: self._image_side(embedding, nomask))
 
-    def decode(self, embedding, point_coords, point_labels, boxes, mask_input):
+    def decode(self, embedding, point_coords, point_labels, boxes, mask_input, tokens=ALL_TOKENS):
         if self.exact:
             with torch.inference_mode():
                 points = (self._put(point_coords), self._put(point_labels)) if point_coords is not None else None
                 sparse, dense = self.model.prompt_encoder(points, self._put(boxes), self._put(mask_input))
                 logits, iou = self.model.mask_decoder(embedding, self._dense_pe, sparse, dense)
-                return logits.float().cpu(), iou.float().cpu()
+                return chosen_tokens(logits.float().cpu(), iou.float().cpu(), tokens)
         return decode_in_chunks(lambda *a: self._decode_split(embedding, *a), point_coords, point_labels, boxes,
-                                mask_input)
+                                mask_input, torch.as_tensor(tokens, dtype=torch.int64, device=self.device))
 
-    def _decode_split(self, embedding, point_coords, point_labels, boxes, mask_input):
+    def _decode_split(self, embedding, point_coords, point_labels, boxes, mask_input, tokens):
         with torch.inference_mode():
             pe = self.model.prompt_encoder
             points = (self._put(point_coords), self._put(point_labels)) if point_coords is not None else None
@@ -227,8 +227,8 @@ class TorchEngine:
                 side = self.image_side(embedding, pe.embed_masks(self._put(mask_input)))
             else:
                 side = self.image_side(embedding)
-            logits, iou = self._prompt_side(*side, sparse)
-            return logits.float().cpu(), iou.float().cpu()
+            logits, iou = self._prompt_side(*side, sparse, tokens)
+            return logits.float().cpu(), iou.gather(1, token_index(iou, tokens)).float().cpu()
 
     def embedding_nbytes(self, embedding: torch.Tensor) -> int:
         # The decoder's image-side cache entry lives as long as the embedding: about 2.5× its size.
