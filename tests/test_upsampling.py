@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tinysam_kit.operators.predictor import resized_shape
-from tinysam_kit.operators.upsampling import axis_map, count_above, mask_from_low_res, resize_logits
+from tinysam_kit.operators.upsampling import FullResolution, axis_map, mask_from_low_res, resize_logits
 
 
 def _logits(seed: int, kind: str) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_window_equals_whole_image_resize(size, kind):
             got = mask_from_low_res(low, 1024, input_size, size, threshold)
             assert got.shape == size and got.dtype == bool
             assert np.array_equal(got, expected), (threshold, int((got != expected).sum()))
-            assert count_above(low, 1024, input_size, size, threshold) == int(expected.sum())
+            assert FullResolution(low, 1024, input_size, size, threshold).count(threshold) == int(expected.sum())
 
 
 def test_other_thresholds_and_a_non_square_input_frame():

@@ -65,12 +65,6 @@ def mask_from_low_res(low_res: torch.Tensor, img_size: int, input_size: tuple[in
     return FullResolution(low_res, img_size, input_size, original_size, threshold).mask(threshold, out)
 
 
-def count_above(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
-                original_size: tuple[int, int], threshold: float) -> int:
-    """`np.count_nonzero(mask_from_low_res(...))` without writing the full-size mask."""
-    return FullResolution(low_res, img_size, input_size, original_size, threshold).count(threshold)
-
-
 class FullResolution:
     """One (s, s) logit map as it would be at the user's image size, thresholded on demand at any threshold
     ≥ `floor`, computing only what can be true.
@@ -87,9 +81,10 @@ class FullResolution:
         self.low_res, self.img_size, self.floor = low_res, img_size, floor
         self.input_size, self.original_size = tuple(input_size), tuple(original_size)
         self.resized = self.input_size != self.original_size
-        self.window = _true_window(low_res, img_size, input_size, original_size, floor)
-        self.whole = self.window != () and not _window_is_cheaper(low_res, img_size, input_size, original_size,
-                                                                   floor, self.window)
+        positive = low_res.float().numpy() > floor  # where the window and its cost estimate both start
+        self.window = _true_window(positive, img_size, input_size, original_size)
+        self.whole = self.window != () and _window_cost_ns(positive, self.window, img_size, original_size) > \
+            _whole_cost_ns(img_size, original_size, self.resized)
         self._cache: dict[str, object] = {}
 
     def above(self, threshold: float):
@@ -170,20 +165,12 @@ def whole_resize_is_cheap(img_size: int, input_size: tuple[int, int], original_s
     return _whole_cost_ns(img_size, original_size, tuple(input_size) != tuple(original_size)) < WINDOW_FIXED_NS
 
 
-def _window_is_cheaper(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
-                       original_size: tuple[int, int], threshold: float, window: tuple) -> bool:
-    resized = tuple(input_size) != tuple(original_size)
-    return _window_cost_ns(low_res, threshold, window, img_size, original_size) <= \
-        _whole_cost_ns(img_size, original_size, resized)
-
-
 def _whole_cost_ns(img_size: int, original_size: tuple[int, int], resized: bool) -> float:
     h, w = original_size
     return WHOLE_STAGE1_NS * img_size * img_size + (WHOLE_STAGE2_NS * h * w if resized else 0.0)
 
 
-def _window_cost_ns(low_res: torch.Tensor, threshold: float, window, img_size: int,
-                    original_size: tuple[int, int]) -> float:
+def _window_cost_ns(positive: np.ndarray, window, img_size: int, original_size: tuple[int, int]) -> float:
     """Estimated time of the windowed path: the block grid, the fill and the boundary band of the last
     (enlarging) resize — the band's size bounded by the low-res sign changes times the output pixels per
     low-res cell (ragged masks have many) — after exact stage-1 values when there are two resizes; exact
@@ -194,11 +181,11 @@ def _window_cost_ns(low_res: torch.Tensor, threshold: float, window, img_size: i
     cost = WINDOW_FIXED_NS + CLEAR_NS * (original_size[0] * original_size[1] - output)
     if output < stage1:
         return cost + EXACT_VALUE_NS * (stage1 + output)
-    positive = low_res.float().numpy() > threshold
     changes = int((positive[1:] != positive[:-1]).sum() + (positive[:, 1:] != positive[:, :-1]).sum())
-    per_cell = output / stage1 * (img_size / low_res.shape[-1]) ** 2  # output pixels per low-res cell
+    cell = (img_size / positive.shape[-1]) ** 2  # stage-1 pixels per low-res cell
+    per_cell = output / stage1 * cell  # output pixels per low-res cell
     if output == stage1:  # no second resize: the band runs on the first one, over low-res blocks
-        grid = stage1 / (img_size / low_res.shape[-1]) ** 2
+        grid = stage1 / cell
         return cost + GRID_VALUE_NS * grid + FILL_NS * output + BAND_PIXEL_NS * changes * per_cell
     return cost + (EXACT_VALUE_NS + GRID_VALUE_NS) * stage1 + FILL_NS * output + BAND_PIXEL_NS * changes * per_cell
 
@@ -255,18 +242,17 @@ def _blend_np(first: np.ndarray, second: np.ndarray, lam: np.ndarray) -> np.ndar
     return (first.astype(np.float64) * (np.float32(1) - lam).astype(np.float64) + second * lam).astype(np.float32)
 
 
-def _true_window(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int],
-                 original_size: tuple[int, int], threshold: float):
-    """Where the mask can be true: (output rows, output cols, stage-1 rows, stage-1 cols) as [a, b) ranges;
-    () when nowhere."""
+def _true_window(positive: np.ndarray, img_size: int, input_size: tuple[int, int],
+                 original_size: tuple[int, int]):
+    """Where a mask whose low-res logits exceed the threshold at `positive` can be true: (output rows, output
+    cols, stage-1 rows, stage-1 cols) as [a, b) ranges; () when nowhere."""
     h, w = original_size
     nh, nw = input_size
-    positive = low_res.float().numpy() > threshold
     ys = np.flatnonzero(positive.any(axis=1))
     if len(ys) == 0:
         return ()
     xs = np.flatnonzero(positive.any(axis=0))
-    maps1 = axis_map(low_res.shape[-1], img_size)
+    maps1 = axis_map(positive.shape[-1], img_size)
     rows = reached(*maps1[:2], int(ys[0]), int(ys[-1]), nh)
     cols = reached(*maps1[:2], int(xs[0]), int(xs[-1]), nw)
     if rows is None or cols is None:

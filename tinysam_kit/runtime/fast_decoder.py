@@ -145,6 +145,11 @@ def token_index(iou: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.where(tokens < 0, best, tokens.unsqueeze(0))
 
 
+def chosen_iou(iou: torch.Tensor, tokens) -> torch.Tensor:
+    """IoU predictions (B, 4) of every token → those of the chosen tokens (B, K), as the graphs choose them."""
+    return iou.gather(1, token_index(iou, torch.as_tensor(tokens, dtype=torch.int64, device=iou.device)))
+
+
 def chosen_tokens(logits: torch.Tensor, iou: torch.Tensor, tokens) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, 4, s, s) and IoU (B, 4) of every token → those of the chosen tokens, (B, K, s, s), (B, K)."""
     if tuple(tokens) == tuple(range(logits.shape[1])):

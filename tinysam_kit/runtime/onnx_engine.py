@@ -11,7 +11,7 @@ import torch
 
 from .base import ALL_TOKENS, EngineInfo, EngineUnavailableError
 from .export import PARTS, SIDE_NAMES, ensure_export, part_name, read_manifest
-from .fast_decoder import decode_in_chunks, points_with_boxes, token_index
+from .fast_decoder import chosen_iou, decode_in_chunks, points_with_boxes
 from .torch_engine import ImageSideCache
 
 _SESSIONS: dict[tuple, object] = {}
@@ -154,7 +154,7 @@ class OnnxEngine:
         feeds.update(point_coords=np.ascontiguousarray(coords, np.float32),
                      point_labels=np.ascontiguousarray(labels, np.float32), mask_tokens=tokens)
         logits, iou = (torch.from_numpy(a) for a in self.decoder_prompt.run(None, feeds))
-        return logits, iou.gather(1, token_index(iou, torch.from_numpy(tokens)))
+        return logits, chosen_iou(iou, tokens)
 
     def embedding_nbytes(self, embedding: np.ndarray) -> int:
         # The decoder's image-side cache entry lives as long as the embedding: about 2.5× its size.

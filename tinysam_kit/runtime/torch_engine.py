@@ -14,7 +14,7 @@ from torch import nn
 
 from ..models.sam import TinySam
 from .base import ALL_TOKENS, EngineInfo, EngineUnavailableError
-from .fast_decoder import DecoderImageSide, DecoderPromptSide, chosen_tokens, decode_in_chunks, token_index
+from .fast_decoder import DecoderImageSide, DecoderPromptSide, chosen_iou, chosen_tokens, decode_in_chunks
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -228,7 +228,7 @@ class TorchEngine:
             else:
                 side = self.image_side(embedding)
             logits, iou = self._prompt_side(*side, sparse, tokens)
-            return logits.float().cpu(), iou.gather(1, token_index(iou, tokens)).float().cpu()
+            return logits.float().cpu(), chosen_iou(iou, tokens).float().cpu()
 
     def embedding_nbytes(self, embedding: torch.Tensor) -> int:
         # The decoder's image-side cache entry lives as long as the embedding: about 2.5× its size.
