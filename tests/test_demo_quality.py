@@ -26,8 +26,13 @@ def predictor():
 
 
 @pytest.fixture(scope="module")
-def prompt_quality(predictor):
-    return evaluate_prompts(predictor, SyntheticWorld(seed=0), held_out_indices(16)).summary()
+def measured(predictor):
+    return evaluate_prompts(predictor, SyntheticWorld(seed=0), held_out_indices(16))
+
+
+@pytest.fixture(scope="module")
+def prompt_quality(measured):
+    return measured.summary()
 
 
 def test_demo_file_is_small_verified_and_in_the_official_layout():
@@ -68,6 +73,18 @@ def test_one_click_inside_an_object_mostly_returns_that_object(prompt_quality):
 
 def test_a_box_mostly_returns_its_object(prompt_quality):
     assert prompt_quality["box_miou"] >= BOX_FLOOR, prompt_quality
+
+
+def test_breakdown_partitions_the_objects(measured, prompt_quality):
+    from tinysam_kit.training.synthetic import SHAPES
+
+    breakdown = measured.breakdown()
+    for group in ("by_shape", "by_area"):
+        parts = breakdown[group].values()
+        assert sum(p["objects"] for p in parts) == prompt_quality["objects"]
+        weighted = sum(p["box_miou"] * p["objects"] for p in parts) / prompt_quality["objects"]
+        assert weighted == pytest.approx(prompt_quality["box_miou"], abs=1e-3)
+    assert set(breakdown["by_shape"]) <= set(SHAPES)
 
 
 def test_everything_mode_finds_objects_at_the_registered_thresholds(predictor):

@@ -69,7 +69,10 @@ def _evaluate(args) -> int:
 
     predictor = TinySamPredictor.from_pretrained(args.model, device=args.device)
     world = SyntheticWorld(args.world_seed, WorldConfig(size=predictor.img_size))
-    result = evaluate_prompts(predictor, world, held_out_indices(args.images)).summary()
+    quality = evaluate_prompts(predictor, world, held_out_indices(args.images))
+    result: dict = quality.summary()
+    if args.breakdown:
+        result |= quality.breakdown()
     if args.everything:
         result["everything"] = evaluate_everything(predictor, world, held_out_indices(args.everything, start=100))
     print(json.dumps(result, indent=2))
@@ -84,6 +87,7 @@ def register(subparsers) -> None:
     e.add_argument("--images", type=int, default=16)
     e.add_argument("--everything", type=int, default=0, help="also run everything mode on this many images")
     e.add_argument("--world-seed", type=int, default=0)
+    e.add_argument("--breakdown", action="store_true", help="also report mean IoUs per object shape and size")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=_evaluate)
 

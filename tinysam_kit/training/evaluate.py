@@ -28,16 +28,40 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+PROMPT_KINDS = ("point_center", "point_random", "box")
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
 @dataclass
 class PromptQuality:
+    """Per-object IoUs, in the same object order for every prompt kind; `shapes` names each object's
+    shape and `areas` its pixel count, so the mean can be broken down where a model falls short."""
+
     point_center: list[float] = field(default_factory=list)
     point_random: list[float] = field(default_factory=list)
     box: list[float] = field(default_factory=list)
+    shapes: list[str] = field(default_factory=list)
+    areas: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
-        return {k: float(np.mean(v)) if v else float("nan") for k, v in
-                (("point_center_miou", self.point_center), ("point_random_miou", self.point_random),
-                 ("box_miou", self.box))} | {"objects": len(self.box)}
+        return {f"{k}_miou": _mean(getattr(self, k)) for k in PROMPT_KINDS} | {"objects": len(self.box)}
+
+    def breakdown(self, area_edges: tuple[int, ...] = (1000, 3000)) -> dict[str, dict]:
+        """Mean IoU of each prompt kind per object shape and per area class (pixels, split at `area_edges`)."""
+        groups: dict[str, dict[str, np.ndarray]] = {"by_shape": {}, "by_area": {}}
+        shapes, areas = np.array(self.shapes), np.array(self.areas)
+        for shape in sorted(set(self.shapes)):
+            groups["by_shape"][shape] = shapes == shape
+        bounds = (0, *area_edges, None)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            name = f"{lo}-{hi}" if hi is not None else f">={lo}"
+            groups["by_area"][name] = (areas >= lo) & (areas < hi if hi is not None else True)
+        return {group: {name: {f"{k}_miou": round(_mean(np.array(getattr(self, k))[sel]), 4) for k in PROMPT_KINDS}
+                        | {"objects": int(sel.sum())} for name, sel in selections.items() if sel.any()}
+                for group, selections in groups.items()}
 
 
 def held_out_indices(count: int, start: int = 0) -> list[int]:
@@ -67,6 +91,8 @@ def evaluate_prompts(predictor, world: SyntheticWorld, indices, seed: int = 0) -
             out.extend(iou(m, g) for m, g in zip(_best(masks, scores), gts))
         masks, scores, _ = predictor.predict_batch(boxes=sample.boxes, image_embedding=state)
         quality.box.extend(iou(m, g) for m, g in zip(_best(masks, scores), gts))
+        quality.shapes.extend(sample.kinds)
+        quality.areas.extend(int(g.sum()) for g in gts)
     return quality
 
 
