@@ -90,6 +90,12 @@ class TwoWayTransformer(nn.Module):
         return queries, keys
 
 
+def best_multimask_token(iou: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """(B, 4) predicted IoUs → the index (1..3) of the multimask output with the highest one: the mask SAM's
+    tools show for an ambiguous prompt. Ties go to the first, as `torch.argmax` and ONNX ArgMax resolve them."""
+    return iou[:, 1:].argmax(dim=1, keepdim=keepdim) + 1
+
+
 class MaskDecoder(nn.Module):
     def __init__(self, transformer_dim: int, transformer: TwoWayTransformer, num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256) -> None:

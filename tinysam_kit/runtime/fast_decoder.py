@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.mask_decoder import best_multimask_token
 from ..models.sam import TinySam
 
 
@@ -139,10 +140,8 @@ def image_to_token(attn: nn.Module, q_image: torch.Tensor | None, k_tokens: torc
 
 
 def token_index(iou: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, 4) predicted IoUs and a (K,) token choice (indices, or BEST_MULTIMASK) → (B, K) token indices.
-    Ties go to the first token, as `torch.argmax` and ONNX ArgMax both resolve them."""
-    best = iou[:, 1:].argmax(dim=1, keepdim=True) + 1
-    return torch.where(tokens < 0, best, tokens.unsqueeze(0))
+    """(B, 4) predicted IoUs and a (K,) token choice (indices, or BEST_MULTIMASK) → (B, K) token indices."""
+    return torch.where(tokens < 0, best_multimask_token(iou, keepdim=True), tokens.unsqueeze(0))
 
 
 def chosen_iou(iou: torch.Tensor, tokens) -> torch.Tensor:
@@ -270,14 +269,16 @@ class PixelUpscale(nn.Module):
         super().__init__()
         if conv.kernel_size != (2, 2) or conv.stride != (2, 2):
             raise ValueError("PixelUpscale needs a transposed convolution with kernel 2 and stride 2")
-        self.conv = conv
         self.out_channels = conv.out_channels
+        # weight (in, out, ka, kb) → (ka, kb, out) × in: the kernel offset leads the output channels. Laid out
+        # once: the engines built on this module never change their weights.
+        with torch.no_grad():
+            weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * conv.out_channels, conv.in_channels)
+            self.register_buffer("weight", weight.contiguous(), persistent=False)
+            self.register_buffer("bias", conv.bias.repeat(4), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        # weight (in, out, ka, kb) → (ka, kb, out) × in: the kernel offset leads the output channels
-        weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * conv.out_channels, conv.in_channels)
-        return F.linear(x, weight, conv.bias.repeat(4))
+        return F.linear(x, self.weight, self.bias)
 
 
 class SparseEmbedder(nn.Module):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.mask_decoder import best_multimask_token
 from ..models.sam import PIXEL_MEAN, PIXEL_STD, TinySam
 from .prompts import correction_click, jitter_box, sample_point
 
@@ -110,7 +111,7 @@ def refinement_group(rng: np.random.Generator, group: PromptGroup, logits: torch
                             None if group.mask_input is None else group.mask_input[sel])
         logits, iou_pred = logits[sel.to(logits.device)], iou_pred[sel.to(iou_pred.device)]
     with torch.no_grad():
-        best = iou_pred[:, 1:].argmax(dim=1) + 1
+        best = best_multimask_token(iou_pred)
         low = logits[torch.arange(len(best)), best].detach().float()
         size = group.targets.shape[-1]
         pred = (upsample(low[:, None], size)[:, 0] > 0).cpu().numpy()

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..models.checkpoint import save_checkpoint
 from ..models.config import ModelConfig
+from ..models.mask_decoder import best_multimask_token
 from ..models.sam import TinySam, build_model
 from .data import EmbeddingCache, ImageFolder, WorldImages, batch_indices, to_model_input
 from .loop import (
@@ -189,7 +190,7 @@ class _Prompts:
 
 
 def _best_token(logits: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
-    best = iou[:, 1:].argmax(dim=1) + 1
+    best = best_multimask_token(iou)
     return logits[torch.arange(len(best), device=logits.device), best]
 
 
