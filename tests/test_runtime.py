@@ -170,6 +170,16 @@ def test_bf16_on_cpu_runs_close_to_fp32(tiny_random_checkpoint):
     assert logits.dtype == torch.float32 and logits.shape == (1, 4, 64, 64)
 
 
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="no native bf16 matrix units on this CPU")
+def test_a_lower_precision_engine_leaves_the_callers_model_alone(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    engine = TorchEngine(tiny_model, device="cpu", precision="bf16")
+    assert engine.model is not tiny_model and next(engine.model.parameters()).dtype == torch.bfloat16
+    after = tiny_model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert TorchEngine(tiny_model, device="cpu").model is tiny_model  # nothing to convert: no copy
+
+
 def test_large_batches_are_decoded_in_chunks(tiny_model):
     from tinysam_kit.runtime.fast_decoder import PROMPT_CHUNK
 

@@ -161,7 +161,10 @@ class TorchEngine:
             torch.set_num_threads(int(threads))
         self.threads = torch.get_num_threads()
         self.exact = exact
-        self.model = model.to(self.device, self.dtype).eval()
+        # A model on another device or in another precision is converted as a copy: `Module.to` works in
+        # place, and the caller's fp32 model must stay what it was.
+        moved = any(p.device != self.device or p.dtype != self.dtype for p in model.parameters())
+        self.model = (copy.deepcopy(model) if moved else model).to(self.device, self.dtype).eval()
         self._lock = threading.Lock()
         cfg = model.config
         self.info = EngineInfo("torch", precision, str(self.device), model_name, model_sha256,
