@@ -193,6 +193,16 @@ def test_malformed_json_and_oversized_bodies(client, settings):
     assert resp.status_code == 413 and "TINYSAM_MAX_REQUEST_MB" in resp.json()["detail"]
 
 
+def test_every_answer_carries_its_server_time(client):
+    """The load benchmark reads `Server-Timing`; it is there on answers, refusals and errors alike."""
+    answers = (client.post("/predict", json=predict_body([keypoint(30, 40)])), client.get("/health"),
+               client.post("/predict", content=b"{not json", headers={"content-type": "application/json"}))
+    for resp in answers:
+        name, _, duration = resp.headers["server-timing"].partition(";dur=")
+        assert name == "app" and 0 <= float(duration) < 60_000, resp.headers
+    assert float(answers[0].headers["server-timing"].split("dur=")[1]) > 0
+
+
 def test_webhook_accepts_anything(client):
     for body in (b"", b"garbage", b"[1, 2]", json.dumps({"action": "PROJECT_UPDATED"}).encode()):
         assert client.post("/webhook", content=body).status_code == 200

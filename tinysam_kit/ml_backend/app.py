@@ -123,6 +123,31 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class ServerTiming:
+    """Adds `Server-Timing: app;dur=<ms>` (request received → response started) to every HTTP answer.
+
+    Plain ASGI on purpose: Starlette's `BaseHTTPMiddleware` (`@app.middleware("http")`) runs each request
+    in its own task group with memory streams, measured at ~1 ms of event-loop time per request.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def timed_send(message):
+            if message["type"] == "http.response.start":
+                elapsed = (time.perf_counter() - start) * 1000
+                headers = [*message.get("headers", ()), (b"server-timing", f"app;dur={elapsed:.2f}".encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -155,6 +180,7 @@ def create_app(settings: BackendSettings | None = None, backend: TinySamBackend 
                   description="Smart keypoint/rectangle clicks answered with brush masks; batch pre-labelling.")
     if settings.max_request_bytes:
         app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ServerTiming)  # added last: outermost, so it times the size check too
     app.state.backend = backend
     app.state.settings = settings
     security = HTTPBasic(auto_error=False)
@@ -183,13 +209,6 @@ def create_app(settings: BackendSettings | None = None, backend: TinySamBackend 
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
-    @app.middleware("http")
-    async def server_timing(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        elapsed = (time.perf_counter() - start) * 1000
-        response.headers["Server-Timing"] = f"app;dur={elapsed:.2f}"
-        return response
 
     def health() -> dict:
         return {"status": "UP", "model_class": "TinySamBackend", "model_version": backend.model_version}
