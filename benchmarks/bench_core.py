@@ -141,7 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clicks", type=int, default=20)
-    parser.add_argument("--model", default=str(REFERENCE) if REFERENCE.is_file() else "tinysam")
+    parser.add_argument("--model", default=str(REFERENCE) if REFERENCE.is_file() else "tinysam",
+                        help="checkpoint or registered name (default: the random reference weights); 'proxy': "
+                             "TinySAM's decoder with compact masks (latency_proxy.py)")
     parser.add_argument("--image", help="image to use (default: a synthetic 1024×1024 scene)")
     parser.add_argument("--export-dir", default=os.path.join(tempfile.gettempdir(), "tinysam-bench-onnx"))
     parser.add_argument("--points-per-side", type=int, default=32)
@@ -149,6 +151,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-encoder-click", action="store_true", help="only the everything-mode table")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    if args.model == "proxy":
+        from latency_proxy import latency_proxy_checkpoint
+
+        args.model = latency_proxy_checkpoint()
 
     import torch
 

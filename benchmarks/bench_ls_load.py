@@ -221,8 +221,10 @@ def main(argv=None) -> int:
     parser.add_argument("--annotators", default="1,8", help="comma-separated annotator counts")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of clicking per annotator count")
     parser.add_argument("--image-size", default="1280x960", help="WIDTHxHEIGHT of the task images")
-    parser.add_argument("--model", default="random", help="'random' (full TinySAM architecture, random weights), "
-                                                         "a registered name or a checkpoint path")
+    parser.add_argument("--model", default="random", help="'random' (full TinySAM architecture, random weights: "
+                                                         "ragged masks, a worst case), 'proxy' (TinySAM's decoder "
+                                                         "with compact masks, see latency_proxy.py), a registered "
+                                                         "name or a checkpoint path")
     parser.add_argument("--engine", default="torch")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="cpu")
@@ -245,7 +247,14 @@ def main(argv=None) -> int:
         if args.url:
             url = args.url.rstrip("/")
         else:
-            model = random_architecture_checkpoint() if args.model == "random" else args.model
+            if args.model == "random":
+                model = random_architecture_checkpoint()
+            elif args.model == "proxy":
+                from latency_proxy import latency_proxy_checkpoint
+
+                model = latency_proxy_checkpoint()
+            else:
+                model = args.model
             proc, url = start_backend(args, image_server.url, model)
         version = httpx.get(url + "/versions", timeout=10).json()["versions"][0]
         print(f"backend {url}  model_version {version}  images {width}x{height}  duration {args.duration:g}s")
