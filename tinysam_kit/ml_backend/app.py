@@ -209,7 +209,6 @@ def create_app(settings: BackendSettings | None = None, backend: TinySamBackend 
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
-
     def health() -> dict:
         return {"status": "UP", "model_class": "TinySamBackend", "model_version": backend.model_version}
 
