@@ -2,7 +2,7 @@
 
 A click on a cached image costs TinySAM's decoder — the same arithmetic whatever its weights — plus turning
 the mask into the answer (upsampling, brush RLE, JSON), which depends on the mask's shape. Random weights
-make ragged masks (~125 000 runs in a 1280×960 mask, a 1 MB answer); trained ones make compact masks (a few
+make ragged masks (~125 000 runs in a 1280×960 mask, a 1 MB answer); trained ones make compact masks (hundreds to a few
 thousand runs). This proxy has TinySAM's decoder configuration exactly (256 wide, 8 heads, 2048-wide MLPs)
 and compact, prompt-dependent masks:
 
