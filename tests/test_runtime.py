@@ -170,12 +170,17 @@ def test_bf16_on_cpu_runs_close_to_fp32(tiny_random_checkpoint):
     assert logits.dtype == torch.float32 and logits.shape == (1, 4, 64, 64)
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="no native bf16 matrix units on this CPU")
-def test_a_lower_precision_engine_leaves_the_callers_model_alone(tiny_model):
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    engine = TorchEngine(tiny_model, device="cpu", precision="bf16")
-    assert engine.model is not tiny_model and next(engine.model.parameters()).dtype == torch.bfloat16
-    after = tiny_model.state_dict()
+def test_an_engine_in_another_precision_leaves_the_callers_model_alone(tiny_model):
+    """`Module.to` converts in place: an engine whose precision differs from the model's must work on a copy.
+    (A float64 model under an fp32 engine exercises the same path as an fp32 model under bf16 or CUDA, on any
+    CPU.)"""
+    import copy
+
+    callers = copy.deepcopy(tiny_model).double()
+    before = {k: v.clone() for k, v in callers.state_dict().items()}
+    engine = TorchEngine(callers, device="cpu", precision="fp32")
+    assert engine.model is not callers and next(engine.model.parameters()).dtype == torch.float32
+    after = callers.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     assert TorchEngine(tiny_model, device="cpu").model is tiny_model  # nothing to convert: no copy
 
