@@ -58,6 +58,8 @@ ENGINES = {
     "torch bf16": {"engine": "torch", "precision": "bf16"},
     "onnx fp32": {"engine": "onnx", "precision": "fp32"},
     "onnx int8": {"engine": "onnx", "precision": "int8"},
+    # x86 CPUs with VNNI/AMX: PT2E int8 encoder compiled by Inductor (runtime/torch_int8.py)
+    "torch int8": {"engine": "torch", "precision": "int8"},
 }
 
 
@@ -198,13 +200,15 @@ def main(argv=None) -> int:
         results.setdefault(kind, {}).update({name: statistics.median(v) for name, v in times.items()})
     if predictors:
         print_engine_table(results, predictors, base)
-    if "onnx int8" in predictors and "onnx fp32" in predictors:
-        from tinysam_kit.runtime.quantize import fidelity
+        print()
+    from tinysam_kit.runtime.quantize import fidelity
 
-        fid = fidelity(predictors["onnx fp32"], predictors["onnx int8"], [image], prompts_per_image=32)
-        results["int8_fidelity_on_bench_model"] = fid
-        print(f"\nint8 vs fp32 on this model and image: embedding cosine {fid['embedding_cosine_min']:.4f}, "
-              f"mask IoU mean {fid['mask_iou_mean']:.4f} (p05 {fid['mask_iou_p05']:.3f})")
+    for int8, fp32 in (("onnx int8", "onnx fp32"), ("torch int8", "torch fp32 optimised")):
+        if int8 in predictors and fp32 in predictors:
+            fid = fidelity(predictors[fp32], predictors[int8], [image], prompts_per_image=32)
+            results.setdefault("int8_fidelity_on_bench_model", {})[int8] = fid
+            print(f"{int8} vs {fp32} on this model and image: embedding cosine {fid['embedding_cosine_min']:.4f}, "
+                  f"mask IoU mean {fid['mask_iou_mean']:.4f} (p05 {fid['mask_iou_p05']:.3f})")
     del predictors
 
     if not args.skip_everything:

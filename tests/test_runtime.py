@@ -33,8 +33,8 @@ def test_precision_rules():
     assert check_precision("fp32", cpu) is torch.float32
     with pytest.raises(EngineUnavailableError, match="fp16 needs a CUDA device"):
         check_precision("fp16", cpu)
-    with pytest.raises(EngineUnavailableError, match="int8 runs on the onnx engine"):
-        check_precision("int8", cpu)
+    with pytest.raises(EngineUnavailableError, match="use fp32, fp16, bf16 or int8"):
+        check_precision("int4", cpu)
     with pytest.raises(EngineUnavailableError, match="lacks"):
         check_precision("bf16", cpu, flags=frozenset({"avx2", "avx512f"}))
     assert check_precision("bf16", cpu, flags=frozenset({"amx_bf16"})) is torch.bfloat16

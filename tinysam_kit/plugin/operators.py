@@ -41,7 +41,7 @@ def _model_inputs(inputs: types.Object) -> None:
     inputs.enum("engine", list(ENGINES), default="torch", label="Engine",
                 view=types.RadioGroup(orientation="horizontal"))
     inputs.enum("precision", list(PRECISIONS), default="fp32", label="Precision",
-                description="int8 needs the ONNX engine; fp16 needs a GPU",
+                description="int8: ONNX engine, or torch on x86 CPUs with VNNI/AMX; fp16 needs a GPU",
                 view=types.RadioGroup(orientation="horizontal"))
     inputs.enum("device", list(DEVICES), default="auto", label="Device",
                 view=types.RadioGroup(orientation="horizontal"))

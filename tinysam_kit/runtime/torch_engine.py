@@ -61,10 +61,14 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
 
 def check_precision(precision: str, device: torch.device, flags: frozenset[str] | None = None) -> torch.dtype:
     """dtype for `precision` on `device`, or a one-line EngineUnavailableError saying what to use instead."""
+    if precision == "int8":  # an int8 encoder; the networks around it stay fp32
+        from .torch_int8 import check_int8
+
+        check_int8(device, flags)
+        return torch.float32
     if precision not in DTYPES:
         raise EngineUnavailableError(
-            f"precision {precision!r} is not available on the torch engine (use fp32, fp16, bf16; "
-            "int8 runs on the onnx engine)"
+            f"precision {precision!r} is not available on the torch engine (use fp32, fp16, bf16 or int8)"
         )
     if precision == "fp16" and device.type != "cuda":
         raise EngineUnavailableError("fp16 needs a CUDA device; on CPU use fp32 or bf16")
@@ -146,13 +150,16 @@ class TorchEngine:
     (`exact=False`) keeps fp32 answers (logits within float32 rounding: 1e-4 + 2e-6 of their scale) while
     folding BatchNorm into convolutions, using channels-last memory for the encoder on CPU, and splitting the
     decoder so its prompt-independent work is done once per image and its attention runs in folded form.
-    fp16/bf16 trade exactness for speed; `compile=True` adds `torch.compile`.
+    fp16/bf16 trade exactness for speed; `compile=True` adds `torch.compile`. int8 (x86 CPUs with VNNI/AMX)
+    quantizes and compiles the encoder (`torch_int8`); its decoder is the fp32 one.
     """
 
     def __init__(self, model: TinySam, *, device: str = "auto", precision: str = "fp32",
                  model_name: str = "custom", model_sha256: str | None = None, threads: int | None = None,
                  exact: bool = False, channels_last: bool | None = None, compile: bool = False,
                  image_cache_size: int = 8):
+        if exact and precision != "fp32":
+            raise EngineUnavailableError(f"exact=True is the fp32 reference path; it cannot run in {precision}")
         self.device = resolve_device(device)
         self.dtype = check_precision(precision, self.device)
         if threads:
@@ -180,13 +187,20 @@ class TorchEngine:
         # The optimised encoder is a copy, so folding never alters a model the caller still holds.
         self.encoder = copy.deepcopy(self.model.image_encoder)
         fold_batchnorms(self.encoder)
-        self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
-        if self.channels_last:
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+        if precision == "int8":
+            from .torch_int8 import int8_encoder
+
+            self.channels_last = False  # Inductor picks its own layouts
+            self.encoder = int8_encoder(self.encoder, cfg.img_size, bf16=cpu_has_native_bf16())
+        else:
+            self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
+            if self.channels_last:
+                self.encoder = self.encoder.to(memory_format=torch.channels_last)
+            if compile:
+                self.encoder = torch.compile(self.encoder, dynamic=False)
         self._image_side = DecoderImageSide(self.model).to(self.device, self.dtype).eval()
         self._prompt_side = DecoderPromptSide(self.model).to(self.device, self.dtype).eval()
         if compile:
-            self.encoder = torch.compile(self.encoder, dynamic=False)
             self._prompt_side = torch.compile(self._prompt_side, dynamic=True)
 
     @property

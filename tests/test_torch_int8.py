@@ -1,0 +1,88 @@
+"""int8 on the PyTorch engine: availability rules, and the compiled int8 encoder's fidelity on the demo model."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tinysam_kit.operators.predictor import TinySamPredictor
+from tinysam_kit.runtime import EngineUnavailableError, create_engine
+from tinysam_kit.runtime.quantize import COSINE_BOUND, IOU_BOUND, fidelity, synthetic_images
+from tinysam_kit.runtime.torch_engine import check_precision
+from tinysam_kit.runtime.torch_int8 import FLOAT_MODULES, check_int8, cpu_has_int8_matmul, quantize_encoder
+
+CPU = torch.device("cpu")
+VNNI = frozenset({"avx512f", "avx512_vnni"})
+
+
+def test_int8_needs_an_x86_cpu_with_int8_instructions():
+    assert cpu_has_int8_matmul(frozenset({"amx_int8"})) and cpu_has_int8_matmul(frozenset({"avx_vnni"}))
+    assert not cpu_has_int8_matmul(frozenset({"avx2", "avx512f"}))
+    for device, flags, machine, expected in [
+        (torch.device("cuda"), VNNI, "x86_64", "runs on x86 CPUs"),
+        (CPU, frozenset({"avx2", "avx512f"}), "x86_64", "VNNI or AMX"),
+        (CPU, VNNI, "aarch64", "VNNI or AMX"),
+    ]:
+        with pytest.raises(EngineUnavailableError, match=expected) as info:
+            check_int8(device, flags, machine)
+        assert "\n" not in str(info.value) and "engine='onnx'" in str(info.value)
+    with pytest.raises(EngineUnavailableError, match="VNNI or AMX"):
+        check_precision("int8", CPU, flags=frozenset({"avx2"}))
+
+
+def test_missing_torchao_or_compiler_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # makes `import torchao...` raise ImportError
+    with pytest.raises(EngineUnavailableError, match=r"needs torchao \(pip install") as info:
+        check_int8(CPU, VNNI, "x86_64")
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(EngineUnavailableError, match="needs a C\\+\\+ compiler"):
+        check_int8(CPU, VNNI, "x86_64")
+
+
+def test_exact_path_is_fp32_only():
+    with pytest.raises(EngineUnavailableError, match="exact=True is the fp32 reference path"):
+        create_engine("demo", engine="torch", precision="int8", device="cpu", exact=True)
+
+
+def _int8_available() -> str | None:
+    try:
+        check_int8(CPU)
+    except EngineUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+def test_quantization_keeps_the_sensitive_modules_in_float():
+    if _int8_available() is not None:
+        pytest.skip(_int8_available())
+    fp32 = create_engine("demo", engine="torch", precision="fp32", device="cpu", channels_last=False)
+    images = [torch.randn(1, 3, 256, 256) for _ in range(2)]
+    quantized = quantize_encoder(fp32.encoder, images)
+    int8_input = {}  # module name → whether its product reads a dequantized (int8) input
+    for node in quantized.graph.nodes:
+        if str(node.target) in ("aten.linear.default", "aten.conv2d.default"):
+            module = list(node.meta["nn_module_stack"].values())[-1][0]
+            int8_input[module] = "dequantize" in str(getattr(node.args[0], "target", ""))
+    in_float = [m for m in int8_input if any(part in m for part in FLOAT_MODULES)]
+    assert in_float and not any(int8_input[m] for m in in_float)
+    quantized_modules = [m for m, q in int8_input.items() if q]
+    for part in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "neck.0"):
+        assert any(m.endswith(part) for m in quantized_modules), part
+
+
+@pytest.mark.slow
+def test_int8_engine_fidelity_on_the_demo_model():
+    """The compiled int8 encoder (oneDNN int8 kernels) against the fp32 engine: the issue's fidelity bounds."""
+    reason = _int8_available()
+    if reason is not None:
+        pytest.skip(reason)
+    int8 = TinySamPredictor(create_engine("demo", engine="torch", precision="int8", device="cpu"))
+    fp32 = TinySamPredictor(create_engine("demo", engine="torch", precision="fp32", device="cpu"))
+    assert int8.engine.info.precision == "int8" and int8.model_version != fp32.model_version
+    report = fidelity(fp32, int8, synthetic_images(4, fp32.img_size, seed=1), prompts_per_image=32)
+    assert report["embedding_cosine_min"] >= COSINE_BOUND
+    assert report["mask_iou_mean"] >= IOU_BOUND
+    assert report["best_mask_iou_mean"] >= 0.98
