@@ -7,11 +7,18 @@ import sys
 import pytest
 import torch
 
+from tinysam_kit.models.registry import cache_dir, sha256_file
 from tinysam_kit.operators.predictor import TinySamPredictor
 from tinysam_kit.runtime import EngineUnavailableError, create_engine
 from tinysam_kit.runtime.quantize import COSINE_BOUND, IOU_BOUND, fidelity, synthetic_images
 from tinysam_kit.runtime.torch_engine import check_precision
-from tinysam_kit.runtime.torch_int8 import FLOAT_MODULES, check_int8, cpu_has_int8_matmul, quantize_encoder
+from tinysam_kit.runtime.torch_int8 import (
+    FLOAT_MODULES,
+    check_int8,
+    cpu_has_int8_matmul,
+    quantize_encoder,
+    verified_package,
+)
 
 CPU = torch.device("cpu")
 VNNI = frozenset({"avx512f", "avx512_vnni"})
@@ -73,16 +80,49 @@ def test_quantization_keeps_the_sensitive_modules_in_float():
         assert any(m.endswith(part) for m in quantized_modules), part
 
 
-@pytest.mark.slow
-def test_int8_engine_fidelity_on_the_demo_model():
-    """The compiled int8 encoder (oneDNN int8 kernels) against the fp32 engine: the issue's fidelity bounds."""
+@pytest.fixture(scope="module")
+def int8_demo(tmp_path_factory):
+    """The demo model's int8 engine, compiled into a fresh cache (TINYSAM_HOME) for this module."""
     reason = _int8_available()
     if reason is not None:
         pytest.skip(reason)
-    int8 = TinySamPredictor(create_engine("demo", engine="torch", precision="int8", device="cpu"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYSAM_HOME", str(tmp_path_factory.mktemp("tinysam_home")))
+        engine = create_engine("demo", engine="torch", precision="int8", device="cpu")
+        yield engine
+
+
+@pytest.mark.slow
+def test_int8_engine_fidelity_on_the_demo_model(int8_demo):
+    """The compiled int8 encoder (oneDNN int8 kernels) against the fp32 engine: the issue's fidelity bounds."""
+    int8 = TinySamPredictor(int8_demo)
     fp32 = TinySamPredictor(create_engine("demo", engine="torch", precision="fp32", device="cpu"))
     assert int8.engine.info.precision == "int8" and int8.model_version != fp32.model_version
     report = fidelity(fp32, int8, synthetic_images(4, fp32.img_size, seed=1), prompts_per_image=32)
     assert report["embedding_cosine_min"] >= COSINE_BOUND
     assert report["mask_iou_mean"] >= IOU_BOUND
     assert report["best_mask_iou_mean"] >= 0.98
+
+
+@pytest.mark.slow
+def test_compiled_encoder_is_cached_per_model(int8_demo):
+    built = int8_demo.encoder
+    assert not built.from_cache and built.package.is_file() and verified_package(built.package)
+    assert built.package.parent == cache_dir() / "compiled"
+    again = create_engine("demo", engine="torch", precision="int8", device="cpu")
+    assert again.encoder.from_cache and again.encoder.package == built.package
+    images = torch.randn(2, 3, 256, 256)  # a batch is encoded image by image by the batch-1 program
+    assert torch.equal(again.encode(images), int8_demo.encode(images))
+    # the predictor's inputs come channels-last from the HWC image: same embedding as in standard layout
+    assert torch.equal(int8_demo.encode(images.to(memory_format=torch.channels_last)), int8_demo.encode(images))
+
+
+def test_only_intact_packages_are_loaded(tmp_path):
+    package = tmp_path / "encoder.int8.pt2"
+    assert not verified_package(package)
+    package.write_bytes(b"compiled program")
+    assert not verified_package(package)  # no sidecar: never written completely by this code
+    (tmp_path / "encoder.int8.pt2.sha256").write_text(sha256_file(package) + "\n")
+    assert verified_package(package)
+    package.write_bytes(b"compiled program, altered")
+    assert not verified_package(package)

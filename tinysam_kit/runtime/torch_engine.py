@@ -191,7 +191,8 @@ class TorchEngine:
             from .torch_int8 import int8_encoder
 
             self.channels_last = False  # Inductor picks its own layouts
-            self.encoder = int8_encoder(self.encoder, cfg.img_size, bf16=cpu_has_native_bf16())
+            self.encoder = int8_encoder(self.encoder, cfg.img_size, bf16=cpu_has_native_bf16(),
+                                        model_sha256=model_sha256)
         else:
             self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
             if self.channels_last:

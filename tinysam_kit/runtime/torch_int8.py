@@ -2,9 +2,10 @@
 
 Static post-training quantization in PyTorch's export path (torchao's PT2E flow with its
 `X86InductorQuantizer`: uint8 activations calibrated per tensor on images, int8 per-channel weights),
-compiled by Inductor with frozen weights, which lowers the quantized products to oneDNN's int8 kernels.
-ONNX Runtime's int8 encoder keeps every convolution and activation in fp32 and runs 0.44× the exact
-encoder's time; this one runs 0.16–0.20× (benchmarks/bench_core.py, docs/runtime.md).
+compiled ahead of time by Inductor with frozen weights (an AOTInductor package, which lowers the quantized
+products to oneDNN's int8 kernels), cached per model so later processes load it in milliseconds. ONNX
+Runtime's int8 encoder keeps every convolution and activation in fp32 and runs 0.44–0.5× the exact encoder's
+time; this one 0.16–0.20× (benchmarks/bench_core.py, docs/runtime.md).
 
 The stem and stage 0 (patch embedding and MBConv blocks at 1/4 resolution) and the downsampling
 convolutions stay in float — bf16 where the CPU has bf16 matrix units — as do LayerNorm, softmax and GELU:
@@ -14,16 +15,22 @@ vs fp32: 0.9917 with everything int8, 0.9971 with them in float) and, in bf16, t
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import logging
+import os
 import platform
 import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..models.registry import cache_dir, sha256_file
 from .base import EngineUnavailableError
+from .torch_engine import cpu_flags
 
 LOG = logging.getLogger(__name__)
 
@@ -31,12 +38,11 @@ LOG = logging.getLogger(__name__)
 FLOAT_MODULES = ("patch_embed", "layers.0.", "downsample")
 CALIBRATION_IMAGES = 4
 INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+PACKAGE_FORMAT = 2  # bump when the compiled program changes for the same model
 
 
 def cpu_has_int8_matmul(flags: frozenset[str] | None = None) -> bool:
     """oneDNN's int8 kernels need VNNI (AVX-512 or AVX) or AMX; without them int8 is emulated and slow."""
-    from .torch_engine import cpu_flags
-
     flags = cpu_flags() if flags is None else flags
     return bool(INT8_FLAGS & flags)
 
@@ -100,26 +106,82 @@ def quantize_encoder(encoder: nn.Module, calibration: list[torch.Tensor],
         return convert_pt2e(prepared)
 
 
-class Int8Encoder(nn.Module):
-    """The quantized encoder compiled by Inductor (frozen weights: oneDNN int8 kernels), with its float parts in
-    bf16 when `bf16` is set. Takes (B, 3, S, S) float32 images one at a time (it was exported for batch 1)
-    and returns float32 embeddings. Compilation happens on the first call (tens of seconds for TinySAM)."""
+class _Autocast(nn.Module):
+    """The quantized encoder with its float parts in bf16 (when asked) and a float32 embedding out; exported
+    as is, so the autocast regions are part of the compiled program."""
 
     def __init__(self, quantized: nn.Module, bf16: bool) -> None:
         super().__init__()
         self.quantized = quantized
         self.bf16 = bf16
-        self.compiled = torch.compile(quantized, dynamic=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.quantized(image).float()
+
+
+class Int8Encoder(nn.Module):
+    """The int8 encoder compiled ahead of time by Inductor (an AOTInductor package: frozen weights, oneDNN int8
+    kernels). Takes (B, 3, S, S) float32 images one at a time (it was compiled for batch 1) and returns float32
+    embeddings. `from_cache` tells whether the package was loaded rather than built."""
+
+    def __init__(self, package: Path, from_cache: bool) -> None:
+        super().__init__()
+        from torch._inductor import aoti_load_package
+
+        self.package = package
+        self.from_cache = from_cache
+        self.runner = aoti_load_package(str(package))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from torch._inductor import config as inductor_config
+        with torch.inference_mode():
+            return torch.cat([self.runner(images[i : i + 1].contiguous()) for i in range(images.shape[0])])
 
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        # freezing is what turns the quantized products into prepacked oneDNN int8 kernels; passed as a
-        # compile option instead, Inductor fails on them (torch 2.13)
-        with inductor_config.patch(freezing=True), torch.inference_mode(), autocast:
-            out = [self.compiled(images[i : i + 1].contiguous()).float() for i in range(images.shape[0])]
-        return torch.cat(out)
+
+def build_package(encoder: nn.Module, calibration: list[torch.Tensor], bf16: bool, path: Path) -> None:
+    """Quantize, export and compile `encoder` into the AOTInductor package `path` (written atomically, with a
+    `.sha256` sidecar that `verified_package` checks before anything loads it)."""
+    from torch._inductor import aoti_compile_and_package
+
+    quantized = quantize_encoder(encoder, calibration)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():  # Inductor's and torchao's notes to their developers
+            warnings.simplefilter("ignore", UserWarning)
+            # the compiled program assumes its example's strides (it has no guards): standard layout, which
+            # `Int8Encoder` always feeds
+            program = torch.export.export(_Autocast(quantized, bf16), (calibration[0].contiguous(),))
+            # freezing is what turns the quantized products into prepacked oneDNN int8 kernels
+            aoti_compile_and_package(program, package_path=str(tmp), inductor_configs={"freezing": True})
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+        _sidecar(path).write_text(digest + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verified_package(path: Path) -> bool:
+    """A package is loaded only if it is complete and unchanged since this code wrote it: loading one runs its
+    compiled code, so a truncated or altered file is rebuilt instead."""
+    sidecar = _sidecar(path)
+    if not (path.is_file() and sidecar.is_file()):
+        return False
+    return sidecar.read_text().strip() == sha256_file(path)
+
+
+def package_path(model_sha256: str, img_size: int, bf16: bool) -> Path:
+    """Where the compiled encoder of a model lives: keyed by everything that changes the compiled program."""
+    import torchao
+
+    key = json.dumps([PACKAGE_FORMAT, model_sha256, img_size, bf16, FLOAT_MODULES, CALIBRATION_IMAGES,
+                      torch.__version__, torchao.__version__, platform.machine(), sorted(INT8_FLAGS & cpu_flags())])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "compiled" / f"encoder-{model_sha256[:16]}-{digest}.int8.pt2"
 
 
 def default_calibration(img_size: int, count: int = CALIBRATION_IMAGES) -> list[torch.Tensor]:
@@ -130,12 +192,25 @@ def default_calibration(img_size: int, count: int = CALIBRATION_IMAGES) -> list[
     return [to_model_input(image, img_size)[0] for image in synthetic_images(count, img_size)]
 
 
-def int8_encoder(encoder: nn.Module, img_size: int, bf16: bool,
+def int8_encoder(encoder: nn.Module, img_size: int, bf16: bool, model_sha256: str | None = None,
                  calibration: list[torch.Tensor] | None = None) -> Int8Encoder:
-    LOG.info("quantizing the encoder to int8 (calibration, then compilation on first use)")
+    """The compiled int8 encoder: loaded from the cache when this model was compiled before (with default
+    calibration), else built (about a minute for TinySAM on 2 cores) and, for a model with a known hash, cached.
+    """
+    cacheable = model_sha256 is not None and calibration is None
+    if cacheable:
+        path = package_path(model_sha256, img_size, bf16)
+        if verified_package(path):
+            try:
+                return Int8Encoder(path, from_cache=True)
+            except (RuntimeError, OSError) as exc:  # e.g. written by an incompatible build: rebuild
+                LOG.warning("could not load the cached int8 encoder %s (%s); rebuilding it", path, exc)
+    LOG.info("quantizing and compiling the encoder to int8 (once per model; about a minute for TinySAM)")
     images = calibration if calibration is not None else default_calibration(img_size)
-    with warnings.catch_warnings():  # Inductor's and torchao's notes to their own developers
-        warnings.simplefilter("ignore", UserWarning)
-        compiled = Int8Encoder(quantize_encoder(encoder, images), bf16)
-        compiled(images[0])  # compile now, not on the user's first image
-    return compiled
+    if cacheable:
+        build_package(encoder, images, bf16, path)
+        return Int8Encoder(path, from_cache=False)
+    with tempfile.TemporaryDirectory() as tmp:  # the loaded program does not need its file afterwards
+        path = Path(tmp) / "encoder.int8.pt2"
+        build_package(encoder, images, bf16, path)
+        return Int8Encoder(path, from_cache=False)
