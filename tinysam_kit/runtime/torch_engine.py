@@ -190,7 +190,7 @@ class TorchEngine:
         if precision == "int8":
             from .torch_int8 import int8_encoder
 
-            self.channels_last = False  # Inductor picks its own layouts
+            self.channels_last = False  # the compiled int8 program takes standard-layout images
             self.encoder = int8_encoder(self.encoder, cfg.img_size, bf16=cpu_has_native_bf16(),
                                         model_sha256=model_sha256)
         else:
