@@ -15,6 +15,7 @@ vs fp32: 0.9917 with everything int8, 0.9971 with them in float) and, in bf16, t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,7 +60,7 @@ def check_int8(device: torch.device, flags: frozenset[str] | None = None, machin
             "use engine='onnx' precision='int8', or fp32")
     if shutil.which("c++") is None and shutil.which("g++") is None:
         raise EngineUnavailableError(
-            "int8 on the torch engine compiles its kernels with torch.compile, which needs a C++ compiler (g++) "
+            "int8 on the torch engine compiles its kernels with Inductor, which needs a C++ compiler (g++) "
             "on PATH; install one, or use engine='onnx' precision='int8'")
     _torchao()
 
@@ -88,7 +89,7 @@ def quantize_encoder(encoder: nn.Module, calibration: list[torch.Tensor],
     """Exported, calibrated and converted copy of `encoder` (fp32, eval) for one (1, 3, S, S) image at a time.
 
     Returns the reference form (quantize/dequantize around int8 products, computed in float): run it
-    eagerly to measure fidelity, or compile it (`Int8Encoder`) for the int8 kernels.
+    eagerly to measure fidelity, or compile it (`build_package`) for the int8 kernels.
     """
     if not calibration:
         raise ValueError("int8 quantization needs at least one calibration image")
@@ -192,25 +193,19 @@ def default_calibration(img_size: int, count: int = CALIBRATION_IMAGES) -> list[
     return [to_model_input(image, img_size)[0] for image in synthetic_images(count, img_size)]
 
 
-def int8_encoder(encoder: nn.Module, img_size: int, bf16: bool, model_sha256: str | None = None,
-                 calibration: list[torch.Tensor] | None = None) -> Int8Encoder:
-    """The compiled int8 encoder: loaded from the cache when this model was compiled before (with default
-    calibration), else built (about a minute for TinySAM on 2 cores) and, for a model with a known hash, cached.
-    """
-    cacheable = model_sha256 is not None and calibration is None
-    if cacheable:
-        path = package_path(model_sha256, img_size, bf16)
-        if verified_package(path):
-            try:
-                return Int8Encoder(path, from_cache=True)
-            except (RuntimeError, OSError) as exc:  # e.g. written by an incompatible build: rebuild
-                LOG.warning("could not load the cached int8 encoder %s (%s); rebuilding it", path, exc)
+def int8_encoder(encoder: nn.Module, img_size: int, bf16: bool, model_sha256: str | None = None) -> Int8Encoder:
+    """The compiled int8 encoder: loaded from the cache when this model was compiled before, else built (about a
+    minute for TinySAM on 2 cores) and, for a model with a known hash, cached; otherwise built in a temporary
+    directory (the loaded program does not need its file afterwards)."""
+    path = package_path(model_sha256, img_size, bf16) if model_sha256 is not None else None
+    if path is not None and verified_package(path):
+        try:
+            return Int8Encoder(path, from_cache=True)
+        except (RuntimeError, OSError) as exc:  # e.g. written by an incompatible build: rebuild
+            LOG.warning("could not load the cached int8 encoder %s (%s); rebuilding it", path, exc)
     LOG.info("quantizing and compiling the encoder to int8 (once per model; about a minute for TinySAM)")
-    images = calibration if calibration is not None else default_calibration(img_size)
-    if cacheable:
-        build_package(encoder, images, bf16, path)
-        return Int8Encoder(path, from_cache=False)
-    with tempfile.TemporaryDirectory() as tmp:  # the loaded program does not need its file afterwards
-        path = Path(tmp) / "encoder.int8.pt2"
-        build_package(encoder, images, bf16, path)
+    with contextlib.ExitStack() as stack:
+        if path is None:
+            path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "encoder.int8.pt2"
+        build_package(encoder, default_calibration(img_size), bf16, path)
         return Int8Encoder(path, from_cache=False)
