@@ -126,3 +126,44 @@ def test_only_intact_packages_are_loaded(tmp_path):
     assert verified_package(package)
     package.write_bytes(b"compiled program, altered")
     assert not verified_package(package)
+
+
+@pytest.mark.slow
+def test_cli_reports_int8_fidelity_next_to_the_compiled_package(int8_demo, tmp_path, capsys):
+    """`tinysam quantize --engine torch`: the cached package is measured against fp32 on held-out images and
+    the report lands beside it."""
+    import json
+
+    from tinysam_kit.cli import main
+
+    held = tmp_path / "held"
+    held.mkdir()
+    import cv2
+
+    for i, image in enumerate(synthetic_images(2, 256, seed=3)):
+        cv2.imwrite(str(held / f"scene{i}.png"), image[:, :, ::-1])
+    assert main(["quantize", "--engine", "torch", "--model", "demo", "--holdout", str(held),
+                 "--prompts-per-image", "8"]) == 0
+    captured = capsys.readouterr()
+    report_file = int8_demo.encoder.package.with_name(int8_demo.encoder.package.name + ".fidelity.json")
+    report = json.loads(report_file.read_text())
+    assert report["from_cache"] and report["package"] == str(int8_demo.encoder.package)
+    assert report["held_out"] == {"source": str(held), "images": 2, "prompts_per_image": 8}
+    fid = report["fidelity"]
+    assert fid["prompts"] == 16 and fid["embedding_cosine_min"] >= COSINE_BOUND  # bounds: see the fidelity test
+    assert report["meets_bounds"] == (fid["embedding_cosine_min"] >= COSINE_BOUND and fid["mask_iou_mean"] >= IOU_BOUND)
+    verdict = "ok" if report["meets_bounds"] else "below bounds"
+    assert f"cosine min {fid['embedding_cosine_min']:.4f}" in captured.out and verdict in captured.out
+    assert str(report_file) in captured.out and ("warning" in captured.err) != report["meets_bounds"]
+    assert 0 < report["encoder_seconds"]["int8"] and report["encoder_seconds"]["int8_vs_fp32"] > 0
+    # the calibration images of the torch engine are built in: asking for others is an error, not ignored
+    assert main(["quantize", "--engine", "torch", "--model", "demo", "--calibration", str(held)]) == 2
+    assert "built-in synthetic scenes" in capsys.readouterr().err
+
+
+def test_onnx_quantization_still_needs_calibration_images(capsys):
+    from tinysam_kit.cli import main
+
+    assert main(["quantize", "--model", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --calibration DIR is required") and "\n" not in err

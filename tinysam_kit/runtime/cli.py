@@ -15,11 +15,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_export)
 
     q = subparsers.add_parser(
-        "quantize", help="int8 post-training quantization of the ONNX export, recipe chosen by measured fidelity")
+        "quantize", help="int8 post-training quantization with a fidelity report: of the ONNX export (recipe "
+                         "chosen by measured fidelity), or the PyTorch engine's compiled int8 encoder")
     q.add_argument("--model", default="auto", help="registered model name or checkpoint path (default: auto)")
-    q.add_argument("--calibration", required=True, help="directory of calibration images (searched recursively)")
+    q.add_argument("--engine", choices=("onnx", "torch"), default="onnx",
+                   help="onnx (default): int8 ONNX files calibrated on --calibration; torch: compile (or load) the "
+                        "PyTorch engine's int8 encoder, calibrated on built-in synthetic scenes, and report its "
+                        "fidelity next to the compiled package (x86 CPUs with VNNI/AMX)")
+    q.add_argument("--calibration", help="directory of calibration images, searched recursively (onnx: required)")
     q.add_argument("--holdout", help="directory of held-out images for the fidelity report (default: the last "
-                                     "quarter of the calibration images, then not used for calibrating)")
+                                     "quarter of the calibration images, then not used for calibrating; "
+                                     "torch: synthetic scenes calibration never sees)")
     q.add_argument("--recipes", default="all",
                    help="comma-separated recipes to compare: dynamic, dynamic_pc, static_qdq, static_qdq_guarded "
                         "(default: all)")
@@ -60,6 +66,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .export import ExportError, ensure_export
     from .quantize import QuantizationError, quantize_model, report_summary
 
+    if args.engine == "torch":
+        return _quantize_torch(args)
+    if args.calibration is None:
+        return _fail(ValueError("--calibration DIR is required with --engine onnx (images like yours to "
+                                "calibrate the int8 activations on)"))
     recipes = None if args.recipes == "all" else [r.strip() for r in args.recipes.split(",") if r.strip()]
     try:
         directory, stem, _ = ensure_export(_model(args), directory=args.out, log=print)
@@ -71,4 +82,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(report_summary(report))
     if not report["chosen_meets_bounds"]:
         print("warning: no recipe met the fidelity bounds; the closest one was written", file=sys.stderr)
+    return 0
+
+
+def _quantize_torch(args: argparse.Namespace) -> int:
+    from .quantize import QuantizationError, torch_int8_report, torch_int8_summary
+
+    if args.calibration is not None:
+        return _fail(ValueError("--engine torch calibrates on its built-in synthetic scenes; --calibration is for "
+                                "--engine onnx (use --holdout to measure fidelity on your images)"))
+    try:
+        report = torch_int8_report(_model(args), holdout=args.holdout, threads=args.threads,
+                                   prompts_per_image=args.prompts_per_image)
+    except QuantizationError as exc:
+        return _fail(exc)
+    print(torch_int8_summary(report))
+    if not report["meets_bounds"]:
+        print("warning: the int8 encoder is below the fidelity bounds on these images; prefer engine='onnx' "
+              "precision='int8' or fp32 where masks must match fp32 closely", file=sys.stderr)
     return 0

@@ -252,14 +252,19 @@ def fidelity(reference, candidate, images, prompts_per_image: int = 32, seed: in
     }
 
 
-def _encoder_seconds(session, image: np.ndarray, repeats: int = 3) -> float:
-    session.run(None, {"image": image})
+def _median_seconds(run, repeats: int = 3) -> float:
+    """Median wall time of `run()` after one warm-up call."""
+    run()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        session.run(None, {"image": image})
+        run()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def _encoder_seconds(session, image: np.ndarray) -> float:
+    return _median_seconds(lambda: session.run(None, {"image": image}))
 
 
 def meets_bounds(fid: dict) -> bool:
@@ -303,7 +308,7 @@ def quantize_model(directory: str | os.PathLike, stem: str, *, calibration=None,
         calib, held = images[:cut], images[cut:]
     else:
         calib = images
-        held = calibration_images(holdout) if isinstance(holdout, (str, os.PathLike)) else list(holdout)
+        held, _ = _held_out(holdout, fp32["img_size"])
     reference = TinySamPredictor(OnnxEngine(directory, stem, precision="fp32", device="cpu", threads=threads))
     sample = reference.preprocess(held[0] if isinstance(held[0], np.ndarray) else _load(held[0]))[0].numpy()
     fp32_seconds = _encoder_seconds(get_session(directory / part_name(stem, "fp32", "encoder"),
@@ -375,6 +380,68 @@ def _load(path):
     from ..operators.images import load_image
 
     return load_image(path)
+
+
+def _held_out(holdout, img_size: int) -> tuple[list, str]:
+    """Held-out images for a fidelity report: a directory, a list, or synthetic scenes of a world seed that
+    calibration never uses."""
+    if holdout is None:
+        return synthetic_images(4, img_size, seed=1), "synthetic scenes (seed 1; calibration uses seed 0)"
+    if isinstance(holdout, (str, os.PathLike)):
+        return calibration_images(holdout), str(holdout)
+    return list(holdout), "images given in code"
+
+
+def torch_int8_report(model: str, *, holdout=None, threads: int | None = None, prompts_per_image: int = 32,
+                      log=print) -> dict:
+    """The PyTorch engine's int8 encoder of `model` (compiled now, or loaded from the cache) measured against
+    its fp32 engine: embedding cosine and mask IoU over held-out images × random clicks, and encoder time.
+
+    When the compiled package is cached (models with a known SHA-256), the report is written next to it as
+    `<package>.fidelity.json` (`report_path`); the package itself is used whatever the result, as with
+    `tinysam quantize` for ONNX, and `meets_bounds` says whether it is within the issue's fidelity bounds.
+    """
+    from ..models.registry import cache_dir
+    from ..operators.predictor import TinySamPredictor
+    from . import create_engine
+    from .torch_int8 import CALIBRATION_IMAGES, FLOAT_MODULES
+
+    log("compiling the int8 encoder (or loading it from the cache) ...")
+    int8 = TinySamPredictor(create_engine(model, engine="torch", precision="int8", device="cpu", threads=threads))
+    fp32 = TinySamPredictor(create_engine(model, engine="torch", precision="fp32", device="cpu", threads=threads))
+    held, source = _held_out(holdout, fp32.img_size)
+    if not held:
+        raise QuantizationError("no held-out images to measure fidelity on")
+    sample = fp32.preprocess(held[0] if isinstance(held[0], np.ndarray) else _load(held[0]))[0]
+    seconds = {name: _median_seconds(lambda p=p: p.engine.encode(sample)) for name, p in (("fp32", fp32),
+                                                                                           ("int8", int8))}
+    log(f"measuring fidelity on {len(held)} held-out images × {prompts_per_image} clicks ...")
+    fid = fidelity(fp32, int8, held, prompts_per_image)
+    encoder = int8.engine.encoder
+    info = int8.engine.info
+    report = {"engine": "torch", "source_model": info.model_name, "source_sha256": info.model_sha256,
+              "package": str(encoder.package), "from_cache": encoder.from_cache,
+              "recipe": {"scheme": "PT2E static int8 (X86InductorQuantizer), AOTInductor",
+                         "float_modules": list(FLOAT_MODULES), "calibration_images": CALIBRATION_IMAGES},
+              "held_out": {"source": source, "images": len(held), "prompts_per_image": prompts_per_image},
+              "bounds": {"embedding_cosine_min": COSINE_BOUND, "mask_iou_mean": IOU_BOUND},
+              "fidelity": fid, "meets_bounds": meets_bounds(fid), "threads": threads,
+              "encoder_seconds": {**seconds, "int8_vs_fp32": seconds["int8"] / seconds["fp32"]},
+              "report_path": None}
+    if encoder.package.parent == cache_dir() / "compiled":
+        path = encoder.package.with_name(encoder.package.name + ".fidelity.json")
+        report["report_path"] = str(path)
+        write_json_atomic(path, report)
+    return report
+
+
+def torch_int8_summary(report: dict) -> str:
+    fid, sec = report["fidelity"], report["encoder_seconds"]
+    where = report["report_path"] or "not written (a model without a SHA-256 is compiled into a temporary directory)"
+    return (f"torch int8 encoder {sec['int8']:.3f}s vs fp32 {sec['fp32']:.3f}s ({sec['int8_vs_fp32']:.2f}×)  "
+            f"cosine min {fid['embedding_cosine_min']:.4f}  mask IoU mean {fid['mask_iou_mean']:.4f} "
+            f"p05 {fid['mask_iou_p05']:.3f}  {'ok' if report['meets_bounds'] else 'below bounds'}\n"
+            f"package {report['package']}\nreport {where}")
 
 
 def ensure_int8(directory: Path, stem: str, log=None) -> None:
