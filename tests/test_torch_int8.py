@@ -134,12 +134,12 @@ def test_cli_reports_int8_fidelity_next_to_the_compiled_package(int8_demo, tmp_p
     the report lands beside it."""
     import json
 
+    import cv2
+
     from tinysam_kit.cli import main
 
     held = tmp_path / "held"
     held.mkdir()
-    import cv2
-
     for i, image in enumerate(synthetic_images(2, 256, seed=3)):
         cv2.imwrite(str(held / f"scene{i}.png"), image[:, :, ::-1])
     assert main(["quantize", "--engine", "torch", "--model", "demo", "--holdout", str(held),

@@ -399,7 +399,7 @@ def torch_int8_report(model: str, *, holdout=None, threads: int | None = None, p
 
     When the compiled package is cached (models with a known SHA-256), the report is written next to it as
     `<package>.fidelity.json` (`report_path`); the package itself is used whatever the result, as with
-    `tinysam quantize` for ONNX, and `meets_bounds` says whether it is within the issue's fidelity bounds.
+    `tinysam quantize` for ONNX, and `meets_bounds` says whether it is within `COSINE_BOUND` / `IOU_BOUND`.
     """
     from ..models.registry import cache_dir
     from ..operators.predictor import TinySamPredictor
