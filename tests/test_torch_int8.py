@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tinysam_kit.models.registry import cache_dir, sha256_file
+from tinysam_kit.models.registry import sha256_file
 from tinysam_kit.operators.predictor import TinySamPredictor
 from tinysam_kit.runtime import EngineUnavailableError, create_engine
 from tinysam_kit.runtime.quantize import COSINE_BOUND, IOU_BOUND, fidelity, synthetic_images
@@ -15,6 +15,7 @@ from tinysam_kit.runtime.torch_engine import check_precision
 from tinysam_kit.runtime.torch_int8 import (
     FLOAT_MODULES,
     check_int8,
+    compiled_dir,
     cpu_has_int8_matmul,
     quantize_encoder,
     verified_package,
@@ -108,7 +109,7 @@ def test_int8_engine_fidelity_on_the_demo_model(int8_demo):
 def test_compiled_encoder_is_cached_per_model(int8_demo):
     built = int8_demo.encoder
     assert not built.from_cache and built.package.is_file() and verified_package(built.package)
-    assert built.package.parent == cache_dir() / "compiled"
+    assert built.package.parent == compiled_dir()
     again = create_engine("demo", engine="torch", precision="int8", device="cpu")
     assert again.encoder.from_cache and again.encoder.package == built.package
     images = torch.randn(2, 3, 256, 256)  # a batch is encoded image by image by the batch-1 program

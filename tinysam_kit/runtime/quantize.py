@@ -133,13 +133,10 @@ class _ImageReader:
         self._preprocess = preprocess
 
     def get_next(self):
-        from ..operators.images import load_image
-
         item = next(self._items, None)
         if item is None:
             return None
-        rgb = item if isinstance(item, np.ndarray) else load_image(item)
-        return {"image": self._preprocess(rgb)[0].numpy()}
+        return {"image": self._preprocess(_rgb(item))[0].numpy()}
 
     def rewind(self):  # the calibrator reads the data once
         pass
@@ -222,12 +219,10 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def fidelity(reference, candidate, images, prompts_per_image: int = 32, seed: int = 0) -> dict:
     """Embedding cosine and mask IoU of `candidate` vs `reference` predictors over images × random points."""
-    from ..operators.images import load_image
-
     rng = np.random.default_rng(seed)
     cosines, ious, best_ious = [], [], []
     for item in images:
-        rgb = item if isinstance(item, np.ndarray) else load_image(item)
+        rgb = _rgb(item)
         s_ref, s_cand = reference.embed(rgb), candidate.embed(rgb)
         e_ref = np.asarray(s_ref.embedding, np.float64).ravel()
         e_cand = np.asarray(s_cand.embedding, np.float64).ravel()
@@ -310,7 +305,7 @@ def quantize_model(directory: str | os.PathLike, stem: str, *, calibration=None,
         calib = images
         held, _ = _held_out(holdout, fp32["img_size"])
     reference = TinySamPredictor(OnnxEngine(directory, stem, precision="fp32", device="cpu", threads=threads))
-    sample = reference.preprocess(held[0] if isinstance(held[0], np.ndarray) else _load(held[0]))[0].numpy()
+    sample = reference.preprocess(_rgb(held[0]))[0].numpy()
     fp32_seconds = _encoder_seconds(get_session(directory / part_name(stem, "fp32", "encoder"),
                                                 ["CPUExecutionProvider"], threads), sample)
     report = {"model_stem": stem, "source_model": fp32["source_model"], "source_sha256": fp32["source_sha256"],
@@ -376,10 +371,13 @@ def quantize_model(directory: str | os.PathLike, stem: str, *, calibration=None,
     return report
 
 
-def _load(path):
+def _rgb(item) -> np.ndarray:
+    """An image given as an array (used as is) or a path (loaded as RGB)."""
+    if isinstance(item, np.ndarray):
+        return item
     from ..operators.images import load_image
 
-    return load_image(path)
+    return load_image(item)
 
 
 def _held_out(holdout, img_size: int) -> tuple[list, str]:
@@ -401,10 +399,9 @@ def torch_int8_report(model: str, *, holdout=None, threads: int | None = None, p
     `<package>.fidelity.json` (`report_path`); the package itself is used whatever the result, as with
     `tinysam quantize` for ONNX, and `meets_bounds` says whether it is within `COSINE_BOUND` / `IOU_BOUND`.
     """
-    from ..models.registry import cache_dir
     from ..operators.predictor import TinySamPredictor
     from . import create_engine
-    from .torch_int8 import CALIBRATION_IMAGES, FLOAT_MODULES
+    from .torch_int8 import CALIBRATION_IMAGES, FLOAT_MODULES, compiled_dir
 
     log("compiling the int8 encoder (or loading it from the cache) ...")
     int8 = TinySamPredictor(create_engine(model, engine="torch", precision="int8", device="cpu", threads=threads))
@@ -412,7 +409,7 @@ def torch_int8_report(model: str, *, holdout=None, threads: int | None = None, p
     held, source = _held_out(holdout, fp32.img_size)
     if not held:
         raise QuantizationError("no held-out images to measure fidelity on")
-    sample = fp32.preprocess(held[0] if isinstance(held[0], np.ndarray) else _load(held[0]))[0]
+    sample = fp32.preprocess(_rgb(held[0]))[0]
     seconds = {name: _median_seconds(lambda p=p: p.engine.encode(sample)) for name, p in (("fp32", fp32),
                                                                                            ("int8", int8))}
     log(f"measuring fidelity on {len(held)} held-out images × {prompts_per_image} clicks ...")
@@ -428,7 +425,7 @@ def torch_int8_report(model: str, *, holdout=None, threads: int | None = None, p
               "fidelity": fid, "meets_bounds": meets_bounds(fid), "threads": threads,
               "encoder_seconds": {**seconds, "int8_vs_fp32": seconds["int8"] / seconds["fp32"]},
               "report_path": None}
-    if encoder.package.parent == cache_dir() / "compiled":
+    if encoder.package.parent == compiled_dir():
         path = encoder.package.with_name(encoder.package.name + ".fidelity.json")
         report["report_path"] = str(path)
         write_json_atomic(path, report)

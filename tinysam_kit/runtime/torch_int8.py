@@ -175,6 +175,11 @@ def verified_package(path: Path) -> bool:
     return sidecar.read_text().strip() == sha256_file(path)
 
 
+def compiled_dir() -> Path:
+    """Where compiled packages of models with a known hash are cached (`$TINYSAM_HOME/compiled`)."""
+    return cache_dir() / "compiled"
+
+
 def package_path(model_sha256: str, img_size: int, bf16: bool) -> Path:
     """Where the compiled encoder of a model lives: keyed by everything that changes the compiled program."""
     import torchao
@@ -182,7 +187,7 @@ def package_path(model_sha256: str, img_size: int, bf16: bool) -> Path:
     key = json.dumps([PACKAGE_FORMAT, model_sha256, img_size, bf16, FLOAT_MODULES, CALIBRATION_IMAGES,
                       torch.__version__, torchao.__version__, platform.machine(), sorted(INT8_FLAGS & cpu_flags())])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "compiled" / f"encoder-{model_sha256[:16]}-{digest}.int8.pt2"
+    return compiled_dir() / f"encoder-{model_sha256[:16]}-{digest}.int8.pt2"
 
 
 def default_calibration(img_size: int, count: int = CALIBRATION_IMAGES) -> list[torch.Tensor]:
