@@ -24,7 +24,7 @@ VOLUME ["/models"]
 EXPOSE 9090
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-m", "tinysam_kit.ml_backend.healthcheck"]
+    CMD ["python", "-m", "tinysam_kit.integrations.labelstudio.healthcheck"]
 
 # One process: the model is loaded once and shared by all requests (model calls take turns; /health
 # is answered on the event loop while they run).

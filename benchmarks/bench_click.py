@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from tinysam_kit.runtime.base import BEST_MULTIMASK
     from tinysam_kit.runtime.export import SIDE_NAMES
-    from tinysam_kit.runtime.fast_decoder import points_with_boxes
+    from tinysam_kit.runtime.split_decoder import points_with_boxes
 
     image = bench_image(None)
     base = make_predictor(model, ENGINES["torch fp32 exact (baseline)"], args.threads, args.export_dir)

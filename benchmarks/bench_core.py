@@ -31,17 +31,17 @@ REFERENCE = REPO.parent / "shared" / "reference" / "set_a" / "tinysam_random_A.p
 
 
 def bench_image(path: str | None) -> np.ndarray:
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
 
     if path:
         return load_image(path)
-    from tinysam_kit.training.synthetic import SyntheticWorld
+    from tinysam_kit.data.synthetic import SyntheticWorld
 
     return SyntheticWorld(seed=7)[0].resized(1024).image  # 1024×1024 scene with several objects
 
 
 def make_predictor(model: str, spec: dict, threads: int, export_dir: str):
-    from tinysam_kit.operators.predictor import TinySamPredictor
+    from tinysam_kit.inference.predictor import TinySamPredictor
     from tinysam_kit.runtime import create_engine
 
     options = dict(spec.get("options", {}))
@@ -67,7 +67,7 @@ def _everything_worker(queue, model, spec, threads, export_dir, image, mode, par
     import torch
 
     torch.set_num_threads(threads)
-    from tinysam_kit.operators.everything import generate_everything
+    from tinysam_kit.inference.everything import generate_everything
 
     predictor = make_predictor(model, spec, threads, export_dir)
     predictor.embed(image, key="bench")

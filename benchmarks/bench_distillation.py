@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinysam_kit.data.synthetic import SyntheticWorld, WorldConfig
+from tinysam_kit.evaluation.quality import _best, held_out_indices, interior_point, iou
+from tinysam_kit.inference.predictor import TinySamPredictor
 from tinysam_kit.models.checkpoint import save_checkpoint
 from tinysam_kit.models.config import ModelConfig, TinyViTConfig
 from tinysam_kit.models.registry import load_model_with_info
 from tinysam_kit.models.sam import build_model
-from tinysam_kit.operators.predictor import TinySamPredictor
 from tinysam_kit.runtime import TorchEngine
 from tinysam_kit.training.distill import DistillConfig, distill
-from tinysam_kit.training.evaluate import _best, held_out_indices, interior_point, iou
 from tinysam_kit.training.supervised import SupervisedConfig, train_supervised, write_sidecar
-from tinysam_kit.training.synthetic import SyntheticWorld, WorldConfig
 
 
 def student_config(teacher: ModelConfig) -> ModelConfig:

@@ -88,10 +88,10 @@ def main() -> int:
     fiftyone_env()  # private mongod in a temp dir, stopped at exit
     import fiftyone as fo
 
-    from tinysam_kit.operators.everything import EverythingGenerator
-    from tinysam_kit.operators.images import load_image
-    from tinysam_kit.plugin.predictors import get_predictor
-    from tinysam_kit.plugin.runner import RunSpec, run_segmentation
+    from tinysam_kit.data.images import load_image
+    from tinysam_kit.inference.everything import EverythingGenerator
+    from tinysam_kit.integrations.fiftyone.predictors import get_predictor
+    from tinysam_kit.integrations.fiftyone.runner import RunSpec, run_segmentation
 
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-fo-"))
     model = args.model

@@ -1,7 +1,7 @@
 """Load test of the Label Studio ML backend: N simulated annotators clicking for a fixed time.
 
 Starts (unless --url is given) a local image server standing in for Label Studio's /data/upload and the
-backend itself (`uvicorn --factory tinysam_kit.ml_backend.app:create_app`, a separate process so the load
+backend itself (`uvicorn --factory tinysam_kit.integrations.labelstudio.app:create_app`, a separate process so the load
 generator does not share its GIL), both on 127.0.0.1. Each annotator has its own task image: one warm-up
 click encodes it, then it sends smart-tool clicks (positive keypoint, ± keypoints, rectangles) back to
 back for --duration seconds. Prints click latency p50/p95/p99 as the client sees it, the server's own time
@@ -103,7 +103,8 @@ def start_backend(args, label_studio_url: str, model: str) -> tuple[subprocess.P
            "TINYSAM_ENGINE": args.engine, "TINYSAM_PRECISION": args.precision, "TINYSAM_DEVICE": args.device}
     if args.threads:
         env["TINYSAM_THREADS"] = str(args.threads)
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "tinysam_kit.ml_backend.app:create_app",
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory",
+                             "tinysam_kit.integrations.labelstudio.app:create_app",
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                             env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -199,7 +200,7 @@ def run_load(url: str, annotators: int, duration: float, width: int, height: int
 
 def rle_timing(repeats: int = 5) -> tuple[float, float]:
     """Median ms to encode / decode a 12-megapixel (4000×3000) mask in Label Studio's brush RLE."""
-    from tinysam_kit.operators.encodings.labelstudio import mask_to_rle, rle_to_mask
+    from tinysam_kit.inference.encodings.labelstudio import mask_to_rle, rle_to_mask
 
     yy, xx = np.ogrid[:3000, :4000]
     mask = ((yy - 1500) ** 2 + (xx - 2000) ** 2 < 1000**2) | ((yy // 300 + xx // 400) % 2 == 0)

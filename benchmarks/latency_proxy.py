@@ -76,10 +76,10 @@ def latency_proxy_checkpoint(log=print) -> str:
     """Path of the proxy (registered at 1024 px), training it first if the cache does not hold it."""
     import torch.distributed as dist
 
+    from tinysam_kit.data.synthetic import WorldConfig
     from tinysam_kit.training.demo import _split_batches, demo_batchnorm_config
     from tinysam_kit.training.loop import distributed_from_env
     from tinysam_kit.training.supervised import train_supervised
-    from tinysam_kit.training.synthetic import WorldConfig
 
     final = proxy_path()
     if final.is_file():

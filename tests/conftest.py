@@ -22,8 +22,8 @@ def reference_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def reference_predictor(reference_dir):
+    from tinysam_kit.inference.predictor import TinySamPredictor
     from tinysam_kit.models.checkpoint import load_checkpoint
-    from tinysam_kit.operators.predictor import TinySamPredictor
     from tinysam_kit.runtime import TorchEngine
 
     engine = TorchEngine(load_checkpoint(reference_dir / "tinysam_random_A.pth"), device="cpu")
@@ -32,7 +32,7 @@ def reference_predictor(reference_dir):
 
 @pytest.fixture(scope="session")
 def reference_image(reference_dir):
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
 
     return load_image(reference_dir / "image_A.png")
 

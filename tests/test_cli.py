@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from tinysam_kit.cli import main
-from tinysam_kit.operators.encodings.coco import coco_rle_to_mask
-from tinysam_kit.operators.everything import generate_everything
-from tinysam_kit.operators.images import load_image
-from tinysam_kit.operators.predictor import TinySamPredictor
+from tinysam_kit.data.images import load_image
+from tinysam_kit.inference.encodings.coco import coco_rle_to_mask
+from tinysam_kit.inference.everything import generate_everything
+from tinysam_kit.inference.predictor import TinySamPredictor
 
 LOOSE = ["--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--points-per-side", "8"]
 

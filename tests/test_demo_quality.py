@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from tinysam_kit.data.synthetic import SyntheticWorld
+from tinysam_kit.evaluation.quality import evaluate_everything, evaluate_prompts, held_out_indices
 from tinysam_kit.models.registry import MODELS, PACKAGE_WEIGHTS, infer_config, sha256_file
-from tinysam_kit.training.evaluate import evaluate_everything, evaluate_prompts, held_out_indices
-from tinysam_kit.training.synthetic import SyntheticWorld
 
 DEMO_FILE = PACKAGE_WEIGHTS / MODELS["demo"].filename  # committed with the package: no skip
 
 
 @pytest.fixture(scope="module")
 def predictor():
-    from tinysam_kit.operators.predictor import TinySamPredictor
+    from tinysam_kit.inference.predictor import TinySamPredictor
 
     return TinySamPredictor.from_pretrained("demo", device="cpu")
 
@@ -76,7 +76,7 @@ def test_a_box_mostly_returns_its_object(prompt_quality):
 
 
 def test_breakdown_partitions_the_objects(measured, prompt_quality):
-    from tinysam_kit.training.synthetic import SHAPES
+    from tinysam_kit.data.synthetic import SHAPES
 
     breakdown = measured.breakdown()
     for group in ("by_shape", "by_area"):
@@ -88,17 +88,17 @@ def test_breakdown_partitions_the_objects(measured, prompt_quality):
 
 
 def test_everything_mode_finds_objects_at_the_registered_thresholds(predictor):
-    from tinysam_kit.models.registry import recommended_everything_params
+    from tinysam_kit.inference.policy import registered_everything_params
 
     result = evaluate_everything(predictor, SyntheticWorld(seed=0), held_out_indices(6, start=100),
-                                 **recommended_everything_params("demo"))
+                                 **registered_everything_params("demo"))
     assert result["objects"] >= 20
     assert result["recall"] >= RECALL_FLOOR, result
 
 
 def test_prompted_object_beats_its_neighbours(predictor):
     """Routing works: the mask for a click overlaps the clicked object more than any other object."""
-    from tinysam_kit.training.evaluate import interior_point
+    from tinysam_kit.evaluation.quality import interior_point
 
     wins = total = 0
     world = SyntheticWorld(seed=0)

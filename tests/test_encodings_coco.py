@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinysam_kit.operators.encodings.coco import (
+from tinysam_kit.inference.encodings.coco import (
     coco_rle_to_mask,
     decode_counts,
     mask_to_coco_rle,
@@ -15,7 +15,7 @@ from tinysam_kit.operators.encodings.coco import (
     rle_area,
     uncompressed_rle_to_mask,
 )
-from tinysam_kit.operators.nms import masks_to_boxes
+from tinysam_kit.inference.nms import masks_to_boxes
 
 
 def random_masks(seed=0, n=40):
@@ -65,7 +65,7 @@ def test_masks_to_boxes():
 
 
 def test_polygons_round_trip():
-    from tinysam_kit.operators.encodings.polygons import mask_to_polygons, polygons_to_mask
+    from tinysam_kit.inference.encodings.polygons import mask_to_polygons, polygons_to_mask
 
     mask = np.zeros((40, 50), bool)
     mask[5:30, 8:40] = True

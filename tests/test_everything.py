@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tinysam_kit.operators.encodings.coco import coco_rle_to_mask, uncompressed_rle_to_mask
-from tinysam_kit.operators.everything import EverythingGenerator, generate_crop_boxes, generate_everything
-from tinysam_kit.operators.predictor import TinySamPredictor
+from tinysam_kit.inference.encodings.coco import coco_rle_to_mask, uncompressed_rle_to_mask
+from tinysam_kit.inference.everything import EverythingGenerator, generate_crop_boxes, generate_everything
+from tinysam_kit.inference.predictor import TinySamPredictor
 
 LOOSE = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, points_per_side=8)
 
@@ -119,15 +119,15 @@ def test_windowed_full_resolution_gives_the_batched_resize_records(mode, monkeyp
     ragged ones resized whole: the records must equal those of resizing every candidate whole."""
     import cv2
 
-    from tinysam_kit.models.registry import recommended_everything_params
-    from tinysam_kit.operators import everything
-    from tinysam_kit.training.evaluate import held_out_indices
-    from tinysam_kit.training.synthetic import SyntheticWorld
+    from tinysam_kit.data.synthetic import SyntheticWorld
+    from tinysam_kit.evaluation.quality import held_out_indices
+    from tinysam_kit.inference import everything
+    from tinysam_kit.inference.policy import registered_everything_params
 
     demo = TinySamPredictor.from_pretrained("demo", device="cpu")
     photo = cv2.resize(SyntheticWorld(0)[held_out_indices(1, start=100)[0]].image, (1200, 900),
                        interpolation=cv2.INTER_LINEAR)
-    options = dict(recommended_everything_params("demo"), points_per_side=12, mode=mode,
+    options = dict(registered_everything_params("demo"), points_per_side=12, mode=mode,
                    output_mode="uncompressed_rle")
     windows = []
 

@@ -45,7 +45,7 @@ def dataset(fo, images):
 
 @pytest.fixture(scope="module")
 def model(fo, tiny_random_checkpoint):
-    from tinysam_kit.plugin.model import TinySamModel
+    from tinysam_kit.integrations.fiftyone.model import TinySamModel
 
     return TinySamModel(model=str(tiny_random_checkpoint), everything=FAST)
 
@@ -59,7 +59,7 @@ def pasted(det, w, h):
 
 
 def test_apply_model_with_box_and_point_prompts_matches_predictor(dataset, model):
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
 
     assert not any(m.startswith("torchvision") for m in sys.modules)
     dataset.apply_model(model, "boxes_sam", box_prompt_field="gt", progress=False)
@@ -81,8 +81,8 @@ def test_apply_model_with_box_and_point_prompts_matches_predictor(dataset, model
 
 
 def test_apply_model_without_prompts_segments_everything(dataset, model):
-    from tinysam_kit.operators.everything import generate_everything
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
+    from tinysam_kit.inference.everything import generate_everything
 
     dataset.apply_model(model, "auto", progress=False)
     sample = dataset.first()
@@ -132,7 +132,7 @@ def test_zoo_source_registers_and_loads(fo, tmp_path, tiny_random_checkpoint, da
             shutil.copy(tiny_random_checkpoint, zoo_dir / "tinysam_42.3.pth")
             shutil.copy(f"{tiny_random_checkpoint}.json", zoo_dir / "tinysam_42.3.pth.json")
             model = foz.load_zoo_model("tinysam", everything=FAST)
-        from tinysam_kit.plugin.model import TinySamModel
+        from tinysam_kit.integrations.fiftyone.model import TinySamModel
 
         assert isinstance(model, TinySamModel)
         dataset.apply_model(model, "zoo_masks", box_prompt_field="gt", progress=False)

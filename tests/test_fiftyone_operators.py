@@ -25,7 +25,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(tiny_random_checkpoint):
-    from tinysam_kit.plugin.predictors import get_predictor
+    from tinysam_kit.integrations.fiftyone.predictors import get_predictor
 
     return get_predictor(str(tiny_random_checkpoint))
 
@@ -80,8 +80,8 @@ def test_plugin_and_operators_are_discovered(fo):
 
 
 def test_segment_everything_immediate_matches_core(dataset, tiny_random_checkpoint, predictor):
-    from tinysam_kit.operators.everything import generate_everything
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
+    from tinysam_kit.inference.everything import generate_everything
 
     result = run("segment_everything", dataset, everything_params(tiny_random_checkpoint, label="thing",
                                                                   instance_map_field="sam_ids"))
@@ -169,7 +169,7 @@ def test_missing_and_corrupt_files_are_reported_and_skipped(fo, dataset, tiny_ra
     assert str(corrupt) in errors
     assert len(dataset.exists("sam")) == 4
     assert "2 failed" in result.result["message"]
-    from tinysam_kit.plugin.runner import load_summary
+    from tinysam_kit.integrations.fiftyone.runner import load_summary
 
     assert load_summary(dataset, "sam")["status"] == "completed_with_errors"
 
@@ -199,7 +199,7 @@ def add_prompts(fo, dataset, with_negative=True):
 
 
 def test_segment_from_prompts_matches_predictor(fo, dataset, tiny_random_checkpoint, predictor):
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
 
     add_prompts(fo, dataset)
     result = run("segment_with_prompts", dataset, {"model": str(tiny_random_checkpoint), "box_field": "gt",
@@ -231,7 +231,7 @@ def test_prompt_field_errors_are_clear(fo, dataset, tiny_random_checkpoint):
     base = {"model": str(tiny_random_checkpoint), "label_field": "masks"}
     with pytest.raises(Exception, match="box_field. Reason: Invalid enum value"):  # the form only offers real fields
         run("segment_with_prompts", dataset, {**base, "box_field": "nope"})
-    from tinysam_kit.plugin.runner import RunError, RunSpec, validate_spec
+    from tinysam_kit.integrations.fiftyone.runner import RunError, RunSpec, validate_spec
 
     with pytest.raises(RunError, match="prompt field 'nope' does not exist"):
         validate_spec(dataset, RunSpec("prompts", "masks", box_field="nope"))
@@ -251,7 +251,7 @@ def test_prompt_field_errors_are_clear(fo, dataset, tiny_random_checkpoint):
 
 
 def test_segment_selected_labels_is_immediate_and_cached(fo, dataset, tiny_random_checkpoint, predictor):
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
 
     add_prompts(fo, dataset)
     sample = dataset.first()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from labelstudio_helpers import UvicornThread, encode_image, free_port, ls_python, ls_venv, synthetic_image
 
-from tinysam_kit.operators.encodings.labelstudio import rle_to_mask
+from tinysam_kit.inference.encodings.labelstudio import rle_to_mask
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -100,8 +100,8 @@ def label_studio(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend_server(label_studio, tiny_random_checkpoint):
-    from tinysam_kit.ml_backend import BackendSettings, create_app
-    from tinysam_kit.ml_backend.backend import TinySamBackend
+    from tinysam_kit.integrations.labelstudio import BackendSettings, create_app
+    from tinysam_kit.integrations.labelstudio.backend import TinySamBackend
 
     model, overrides = _model(tiny_random_checkpoint)
     settings = BackendSettings.from_env({}, model=model, label_studio_url=str(label_studio.base_url).rstrip("/"),
@@ -136,8 +136,8 @@ def _rect(x, y, bw, bh, w, h):
 
 
 def test_smart_clicks_and_retrieved_predictions_round_trip(label_studio, backend_server):
-    from tinysam_kit.ml_backend.backend import segment
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
+    from tinysam_kit.integrations.labelstudio.backend import segment
 
     ls = label_studio
     server, backend = backend_server
@@ -186,7 +186,7 @@ def test_smart_clicks_and_retrieved_predictions_round_trip(label_studio, backend
                        json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status().json()
 
     retrieve()
-    from tinysam_kit.ml_backend.label_config import parse_label_config
+    from tinysam_kit.integrations.labelstudio.label_config import parse_label_config
 
     config = parse_label_config(CONFIG)
     for t in tasks:
@@ -205,7 +205,7 @@ def test_smart_clicks_and_retrieved_predictions_round_trip(label_studio, backend
 
 
 def _run_cli(argv: list[str]) -> int:
-    from tinysam_kit.ml_backend.cli import register
+    from tinysam_kit.cli.labelstudio import register
 
     parser = argparse.ArgumentParser(prog="tinysam")
     register(parser.add_subparsers(dest="command"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tinysam_kit.ml_backend.backend import BadRequest, parse_context
-from tinysam_kit.ml_backend.label_config import LabelConfigError, parse_label_config
+from tinysam_kit.integrations.labelstudio.backend import BadRequest, parse_context
+from tinysam_kit.integrations.labelstudio.label_config import LabelConfigError, parse_label_config
 
 CAPTURED = """<View>
   <Image name="image" value="$image" zoom="true" zoomControl="true"/>

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from labelstudio_helpers import LS_PAYLOADS, ls_python
 
-from tinysam_kit.operators.encodings.labelstudio import (
+from tinysam_kit.inference.encodings.labelstudio import (
     RLEError,
     _pack_codes,
     decode_rle,

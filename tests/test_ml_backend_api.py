@@ -18,9 +18,9 @@ from labelstudio_helpers import (
     synthetic_image,
 )
 
-from tinysam_kit.ml_backend import BackendSettings, create_app
-from tinysam_kit.ml_backend.fetch import ImageFetcher, ImageFetchError
-from tinysam_kit.operators.encodings.labelstudio import rle_to_mask
+from tinysam_kit.inference.encodings.labelstudio import rle_to_mask
+from tinysam_kit.integrations.labelstudio import BackendSettings, create_app
+from tinysam_kit.integrations.labelstudio.fetch import ImageFetcher, ImageFetchError
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -70,7 +70,7 @@ def settings(ls_server, tiny_random_checkpoint):
 
 @pytest.fixture(scope="module")
 def backend(settings):
-    from tinysam_kit.ml_backend.backend import TinySamBackend
+    from tinysam_kit.integrations.labelstudio.backend import TinySamBackend
 
     return TinySamBackend(settings)
 
@@ -85,7 +85,7 @@ def client(settings, backend):
 
 # ---------------------------------------------------------------- interactive
 def test_click_mask_equals_predictor_and_second_click_is_cached(client, backend, ls_server):
-    from tinysam_kit.ml_backend.backend import segment
+    from tinysam_kit.integrations.labelstudio.backend import segment
 
     backend.predictor.cache.clear()
     fetches = backend.fetcher.fetches
@@ -103,7 +103,7 @@ def test_click_mask_equals_predictor_and_second_click_is_cached(client, backend,
 
 
 def test_rectangle_becomes_a_box_prompt_with_its_label(client, backend):
-    from tinysam_kit.ml_backend.backend import segment
+    from tinysam_kit.integrations.labelstudio.backend import segment
 
     region = client.post("/predict", json=predict_body([rectangle(10, 20, 50, 40)])).json()["results"][0]["result"][0]
     assert region["value"]["brushlabels"] == ["Background"]
@@ -257,7 +257,7 @@ def test_health_and_setup_stay_fast_while_model_is_busy(settings, backend):
 
 
 def test_model_gate_lets_clicks_overtake_waiting_batch_work():
-    from tinysam_kit.ml_backend.backend import ModelGate
+    from tinysam_kit.integrations.labelstudio.backend import ModelGate
 
     gate, order = ModelGate(), []
 
@@ -384,11 +384,12 @@ def test_serve_ls_command_and_container_healthcheck(tiny_random_checkpoint):
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        assert subprocess.run([sys.executable, "-m", "tinysam_kit.ml_backend.healthcheck", url], env=env,
+        assert subprocess.run([sys.executable, "-m", "tinysam_kit.integrations.labelstudio.healthcheck", url], env=env,
                               capture_output=True).returncode == 0
         assert httpx.get(url + "/health").status_code == 401
         no_auth = {k: v for k, v in env.items() if not k.startswith("BASIC_AUTH")}
-        assert subprocess.run([sys.executable, "-m", "tinysam_kit.ml_backend.healthcheck", url], env=no_auth,
+        assert subprocess.run([sys.executable, "-m", "tinysam_kit.integrations.labelstudio.healthcheck", url],
+                              env=no_auth,
                               capture_output=True).returncode == 1
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -398,7 +399,7 @@ def test_serve_ls_command_and_container_healthcheck(tiny_random_checkpoint):
 def test_serve_ls_refuses_bad_settings(monkeypatch, capsys, tmp_path):
     import argparse
 
-    from tinysam_kit.ml_backend.cli import register
+    from tinysam_kit.cli.labelstudio import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -413,7 +414,7 @@ def test_serve_ls_refuses_bad_settings(monkeypatch, capsys, tmp_path):
 
 
 def test_setup_hostname_is_used_only_without_label_studio_url(tiny_random_checkpoint):
-    from tinysam_kit.ml_backend.backend import BadRequest, TinySamBackend
+    from tinysam_kit.integrations.labelstudio.backend import BadRequest, TinySamBackend
 
     png = encode_image(IMAGE)
     with FakeLabelStudio({"/data/upload/1/a.png": png}, legacy_token="creator-token") as ls:

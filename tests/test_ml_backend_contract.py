@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from labelstudio_helpers import LS_PAYLOADS, FakeLabelStudio, image_size_for, load_payloads, payload_images
 
-from tinysam_kit.operators.encodings.labelstudio import rle_to_mask
+from tinysam_kit.inference.encodings.labelstudio import rle_to_mask
 
 pytestmark = pytest.mark.skipif(not LS_PAYLOADS.is_dir(), reason=f"captured payloads not present at {LS_PAYLOADS}")
 
@@ -26,7 +26,7 @@ def ls_server():
 def client(ls_server, tiny_random_checkpoint):
     from fastapi.testclient import TestClient
 
-    from tinysam_kit.ml_backend import BackendSettings, create_app
+    from tinysam_kit.integrations.labelstudio import BackendSettings, create_app
 
     settings = BackendSettings.from_env({}, model=str(tiny_random_checkpoint), label_studio_url=ls_server.url,
                                         label_studio_api_key=TOKEN, points_per_side=8, pred_iou_thresh=0.0,
@@ -118,8 +118,8 @@ def test_interactive_answer_has_the_keys_label_studio_returned_to_the_editor(cli
 
 def test_captured_interactive_prompts_give_the_predictors_mask(client, ls_server):
     """The RLE we answer is exactly TinySAM's mask for the prompt, converted from percentages."""
-    from tinysam_kit.ml_backend.backend import segment
-    from tinysam_kit.operators.images import load_image
+    from tinysam_kit.data.images import load_image
+    from tinysam_kit.integrations.labelstudio.backend import segment
 
     backend = client.app.state.backend
     name = "07_ls_to_backend_POST_predict_interactive_keypoints_pos_neg_api.json"

@@ -124,7 +124,7 @@ def mutate(value, rng: random.Random):
 
 @pytest.fixture(scope="module")
 def server(tiny_random_checkpoint):
-    from tinysam_kit.ml_backend import BackendSettings, create_app
+    from tinysam_kit.integrations.labelstudio import BackendSettings, create_app
 
     images = {"/data/upload/1/a.png": encode_image(synthetic_image(160, 120))}
     with FakeLabelStudio(images) as ls:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinysam_kit.operators.images import ImageError, load_image, to_rgb_uint8
-from tinysam_kit.operators.predictor import EmbeddingCache, ImageEmbedding, PromptError, TinySamPredictor
+from tinysam_kit.data.images import ImageError, load_image, to_rgb_uint8
+from tinysam_kit.inference.predictor import EmbeddingCache, ImageEmbedding, PromptError, TinySamPredictor
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tinysam_kit.operators.encodings.coco import uncompressed_rle_to_mask
-from tinysam_kit.operators.everything import build_point_grid, generate_everything, stage2_points
-from tinysam_kit.operators.nms import single_class_nms
+from tinysam_kit.inference.encodings.coco import uncompressed_rle_to_mask
+from tinysam_kit.inference.everything import build_point_grid, generate_everything, stage2_points
+from tinysam_kit.inference.nms import single_class_nms
 
 RUNS = ["hierarchical_default", "dense_amg_default", "hierarchical_tuned", "dense_amg_tuned"]
 

@@ -10,7 +10,8 @@ from runtime_helpers import assert_token_choices_match_full_decode, prompt_sets
 
 from tinysam_kit.models.registry import load_model_with_info
 from tinysam_kit.runtime import EngineUnavailableError, TorchEngine, create_engine
-from tinysam_kit.runtime.torch_engine import check_precision, cpu_has_native_bf16, fold_batchnorms
+from tinysam_kit.runtime.cpu import cpu_has_native_bf16
+from tinysam_kit.runtime.torch_engine import check_precision, fold_batchnorms
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +91,8 @@ def test_fold_batchnorms_counts_pairs(tiny_model):
 
 @pytest.fixture(scope="module")
 def reference_model_and_embedding(reference_dir, reference_image):
+    from tinysam_kit.inference.predictor import TinySamPredictor
     from tinysam_kit.models.checkpoint import load_checkpoint
-    from tinysam_kit.operators.predictor import TinySamPredictor
 
     model = load_checkpoint(reference_dir / "tinysam_random_A.pth")
     predictor = TinySamPredictor(TorchEngine(model, device="cpu", exact=True))
@@ -101,7 +102,7 @@ def reference_model_and_embedding(reference_dir, reference_image):
 @pytest.mark.parametrize("case", ["points", "points_box", "box", "points_mask", "mask_only"])
 def test_split_decoder_matches_model_decode(reference_model_and_embedding, case):
     """The per-image/per-prompt split decoder gives the model's answers on the reference checkpoint."""
-    from tinysam_kit.runtime.fast_decoder import DecoderPromptSide
+    from tinysam_kit.runtime.split_decoder import DecoderPromptSide
 
     model, emb = reference_model_and_embedding
     args = prompt_sets(1024)[case]
@@ -186,7 +187,7 @@ def test_an_engine_in_another_precision_leaves_the_callers_model_alone(tiny_mode
 
 
 def test_large_batches_are_decoded_in_chunks(tiny_model):
-    from tinysam_kit.runtime.fast_decoder import PROMPT_CHUNK
+    from tinysam_kit.runtime.split_decoder import PROMPT_CHUNK
 
     engine = TorchEngine(tiny_model, device="cpu")
     emb = engine.encode(torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))

@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
+from tinysam_kit.inference.predictor import TinySamPredictor  # noqa: E402
 from tinysam_kit.models.registry import load_model_with_info, sha256_file  # noqa: E402
-from tinysam_kit.operators.predictor import TinySamPredictor  # noqa: E402
 from tinysam_kit.runtime import EngineUnavailableError, TorchEngine, create_engine  # noqa: E402
 from tinysam_kit.runtime import export as export_mod  # noqa: E402
 from tinysam_kit.runtime.export import ExportParityError, ensure_export, export_onnx, part_name  # noqa: E402

@@ -118,7 +118,7 @@ def test_windows_round_trip_with_padding():
 
 
 def test_tiny_vit_teacher_runs_end_to_end_through_the_predictor(tmp_path):
-    from tinysam_kit.operators.predictor import TinySamPredictor
+    from tinysam_kit.inference.predictor import TinySamPredictor
 
     torch.manual_seed(0)
     model = build_model(TINY_VIT)

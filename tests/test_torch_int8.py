@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
+from tinysam_kit.inference.predictor import TinySamPredictor
 from tinysam_kit.models.registry import sha256_file
-from tinysam_kit.operators.predictor import TinySamPredictor
 from tinysam_kit.runtime import EngineUnavailableError, create_engine
 from tinysam_kit.runtime.quantize import COSINE_BOUND, IOU_BOUND, fidelity, synthetic_images
 from tinysam_kit.runtime.torch_engine import check_precision

@@ -14,6 +14,7 @@ import pytest
 import torch
 from training_helpers import STUDENT, TEACHER, TINY_WORLD, save_model, state_of
 
+from tinysam_kit.data.synthetic import SyntheticWorld, WorldConfig
 from tinysam_kit.models.checkpoint import load_checkpoint
 from tinysam_kit.models.registry import load_model
 from tinysam_kit.training.data import EmbeddingCache, ImageFolder, batch_indices, to_model_input
@@ -27,7 +28,6 @@ from tinysam_kit.training.loop import (
 from tinysam_kit.training.losses import dice_loss, focal_loss, hard_mask_weights, prompt_loss
 from tinysam_kit.training.prompts import correction_click, disagreement_click, jitter_box, sample_point
 from tinysam_kit.training.supervised import SupervisedConfig, tie_weights, train_supervised
-from tinysam_kit.training.synthetic import SyntheticWorld, WorldConfig
 
 # ------------------------------------------------------------------------------------ synthetic world
 
@@ -383,7 +383,7 @@ def test_distillation_refuses_incompatible_settings(tmp_path, teacher_path):
 
 
 def test_cli_distill_end_to_end(tmp_path, teacher_path, capsys):
-    from tinysam_kit.training.cli import register
+    from tinysam_kit.cli.training import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinysam_kit.operators.predictor import resized_shape
-from tinysam_kit.operators.upsampling import FullResolution, axis_map, mask_from_low_res, resize_logits
+from tinysam_kit.inference.predictor import resized_shape
+from tinysam_kit.inference.upsampling import FullResolution, axis_map, mask_from_low_res, resize_logits
 
 
 def _logits(seed: int, kind: str) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_other_thresholds_and_a_non_square_input_frame():
 @pytest.mark.parametrize("shape,out", [((1, 37), (1, 101)), ((50, 37), (80, 101)), ((256, 256), (1024, 1024)),
                                        ((768, 1024), (960, 1280)), ((1024, 683), (4000, 2667))])
 def test_window_values_are_bit_identical_to_pytorch(shape, out):
-    from tinysam_kit.operators.upsampling import _resize_window
+    from tinysam_kit.inference.upsampling import _resize_window
 
     x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(0))
     ref = torch.nn.functional.interpolate(x, out, mode="bilinear", align_corners=False)[0, 0]
@@ -64,7 +64,7 @@ def test_window_values_are_bit_identical_to_pytorch(shape, out):
 
 
 def test_boundary_band_serves_compact_masks_and_the_whole_image_kernel_ragged_ones(monkeypatch):
-    from tinysam_kit.operators import upsampling
+    from tinysam_kit.inference import upsampling
 
     used = []
     band = upsampling._threshold_band

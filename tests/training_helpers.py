@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from tinysam_kit.data.synthetic import WorldConfig
 from tinysam_kit.models.checkpoint import save_checkpoint
 from tinysam_kit.models.config import DecoderConfig, ModelConfig, TinyViTConfig
 from tinysam_kit.models.sam import build_model
-from tinysam_kit.training.synthetic import WorldConfig
 
 TINY_DECODER = DecoderConfig(prompt_embed_dim=32, transformer_depth=1, transformer_heads=2, transformer_mlp_dim=64,
                              iou_head_hidden_dim=32, mask_in_chans=8)

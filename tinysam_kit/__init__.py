@@ -1,11 +1,33 @@
-"""tinysam-kit: TinySAM for annotation teams (FiftyOne, Label Studio, CLI)."""
+"""tinysam-kit: TinySAM for annotation teams (FiftyOne, Label Studio, CLI).
+
+    from tinysam_kit import TinySamPredictor, generate_everything
+
+    predictor = TinySamPredictor.from_pretrained("auto")
+    predictor.set_image("photo.jpg")
+    mask, score, _ = predictor.segment(point_coords=[[250, 180]], point_labels=[1])
+    records = generate_everything(predictor, "photo.jpg")
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
-from .models.registry import MODELS, load_model  # noqa: E402
-from .operators.predictor import TinySamPredictor  # noqa: E402
-from .runtime import create_engine  # noqa: E402
+try:
+    __version__ = version("tinysam-kit")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
-__all__ = ["MODELS", "TinySamPredictor", "__version__", "create_engine", "load_model"]
+from tinysam_kit.data.images import ImageError  # noqa: E402
+from tinysam_kit.inference.everything import generate_everything  # noqa: E402
+from tinysam_kit.inference.policy import EngineOptions, resolve_model  # noqa: E402
+from tinysam_kit.inference.predictor import PromptError, TinySamPredictor  # noqa: E402
+from tinysam_kit.models.registry import MODELS, load_model  # noqa: E402
+
+
+def list_models() -> list[str]:
+    """Names of the registered models (any checkpoint path works too)."""
+    return sorted(MODELS)
+
+
+__all__ = ["EngineOptions", "ImageError", "PromptError", "TinySamPredictor", "__version__", "generate_everything",
+           "list_models", "load_model", "resolve_model"]

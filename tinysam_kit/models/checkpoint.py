@@ -10,12 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .sam import TinySam, build_model
-
-
-class CheckpointError(ValueError):
-    """The file is not a usable TinySAM-family checkpoint; the message says why."""
+from tinysam_kit.models.config import ModelConfig
+from tinysam_kit.models.errors import CheckpointError
+from tinysam_kit.models.sam import TinySam, build_model
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm2d, MLPBlock
+from tinysam_kit.models.common import MLP, LayerNorm2d, MLPBlock
 
 
 class Attention(nn.Module):

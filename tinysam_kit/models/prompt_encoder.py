@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from tinysam_kit.models.common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_weights, read_state_dict
-from .config import DEMO, TINYSAM_VIT_T, DecoderConfig, ModelConfig, TinyViTConfig
-from .sam import TinySam, build_model
+from tinysam_kit.models.checkpoint import CheckpointError, load_weights, read_state_dict
+from tinysam_kit.models.config import DEMO, TINYSAM_VIT_T, DecoderConfig, ModelConfig, TinyViTConfig
+from tinysam_kit.models.device import resolve_device
+from tinysam_kit.models.sam import TinySam, build_model
 
 PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -73,11 +74,6 @@ register_model(ModelSpec(
     everything_defaults={"pred_iou_thresh": 0.5, "stability_score_thresh": 0.6},
 ))
 
-
-def recommended_everything_params(model_name: str) -> dict:
-    """Everything-mode parameters registered for `model_name` (empty for unknown names and files)."""
-    spec = MODELS.get(model_name)
-    return dict(spec.everything_defaults) if spec is not None else {}
 
 
 def cache_dir() -> Path:
@@ -186,7 +182,7 @@ def verify_weights(path: Path, spec: ModelSpec) -> str:
 def infer_config(state: dict[str, torch.Tensor], img_size: int = 1024) -> ModelConfig:
     """Architecture of a TinySAM-family checkpoint, read off its key names and shapes."""
     if "image_encoder.pos_embed" in state:
-        from .sam_vit import infer_vit_config  # SAM ViT-B/L/H teachers
+        from tinysam_kit.models.sam_vit import infer_vit_config  # SAM ViT-B/L/H teachers
 
         encoder = infer_vit_config(state)
     elif "image_encoder.patch_embed.seq.0.c.weight" in state:
@@ -245,8 +241,6 @@ def load_model_with_info(name_or_path: str | os.PathLike = "tinysam", *, device:
                          config: ModelConfig | None = None,
                          download: bool = True) -> tuple[TinySam, str, str]:
     """Registered name or checkpoint path → (model in eval mode on `device`, name, sha256 of the file)."""
-    from ..runtime.torch_engine import resolve_device
-
     key = str(name_or_path)
     if key in MODELS:
         path, spec = resolve_weights(key, download=download)
@@ -271,7 +265,3 @@ def load_model(name_or_path: str | os.PathLike = "tinysam", device: str = "auto"
     """The network of a registered model ("tinysam", "tinysam-v1", "mobilesam", ...) or checkpoint file."""
     return load_model_with_info(name_or_path, device=device, config=config)[0]
 
-
-def default_model() -> str:
-    """Official TinySAM when its weights are here or downloadable; the bundled demo otherwise."""
-    return os.environ.get("TINYSAM_MODEL", "tinysam")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig, TinyViTConfig
-from .mask_decoder import MaskDecoder, TwoWayTransformer
-from .prompt_encoder import PromptEncoder
-from .tiny_vit import TinyViT
+from tinysam_kit.models.config import ModelConfig, TinyViTConfig
+from tinysam_kit.models.mask_decoder import MaskDecoder, TwoWayTransformer
+from tinysam_kit.models.prompt_encoder import PromptEncoder
+from tinysam_kit.models.tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -18,7 +18,7 @@ def build_image_encoder(config: ModelConfig) -> nn.Module:
     out_chans = config.decoder.prompt_embed_dim
     if isinstance(config.encoder, TinyViTConfig):
         return TinyViT(config.encoder, out_chans=out_chans)
-    from .sam_vit import ImageEncoderViT  # SAM teachers; imported lazily, rarely needed
+    from tinysam_kit.models.sam_vit import ImageEncoderViT  # SAM teachers; imported lazily, rarely needed
 
     return ImageEncoderViT(config.encoder, out_chans=out_chans)
 

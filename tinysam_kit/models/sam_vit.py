@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
-from .config import ViTConfig
+from tinysam_kit.models.common import LayerNorm2d, MLPBlock
+from tinysam_kit.models.config import ViTConfig
 
 _LN_EPS = 1e-6  # SAM's blocks use eps 1e-6, not PyTorch's default
 
@@ -148,7 +148,7 @@ def infer_vit_config(state: dict[str, torch.Tensor]) -> ViTConfig:
 
     Global-attention blocks are those whose relative-position tables span the whole token grid.
     """
-    from .checkpoint import CheckpointError
+    from tinysam_kit.models.errors import CheckpointError
 
     try:
         pos = state["image_encoder.pos_embed"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
-from .config import TinyViTConfig
+from tinysam_kit.models.common import LayerNorm2d
+from tinysam_kit.models.config import TinyViTConfig
 
 
 class Conv2dBN(nn.Sequential):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import (
+from tinysam_kit.models.device import resolve_device
+from tinysam_kit.runtime.base import (
     ALL_TOKENS,
     BEST_MULTIMASK,
     MULTIMASK_TOKENS,
@@ -11,7 +12,7 @@ from .base import (
     EngineInfo,
     EngineUnavailableError,
 )
-from .torch_engine import TorchEngine, resolve_device
+from tinysam_kit.runtime.torch_engine import TorchEngine
 
 ENGINES = ("torch", "onnx")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -24,7 +25,7 @@ def create_engine(model: str = "tinysam", *, engine: str = "torch", precision: s
     `options` go to the engine: torch takes `exact`, `channels_last`, `compile`; onnx takes `export_dir`.
     Unavailable devices, precisions or providers raise a one-line EngineUnavailableError.
     """
-    from ..models.registry import load_model_with_info
+    from tinysam_kit.models.registry import load_model_with_info
 
     if engine not in ENGINES:
         raise EngineUnavailableError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
@@ -33,7 +34,7 @@ def create_engine(model: str = "tinysam", *, engine: str = "torch", precision: s
     if engine == "torch":
         resolve_device(device)  # fail fast, before loading weights
     if engine == "onnx":
-        from .onnx_engine import OnnxEngine  # optional dependency
+        from tinysam_kit.runtime.onnx_engine import OnnxEngine  # optional dependency
 
         return OnnxEngine.from_model(model, precision=precision, device=device, threads=threads, **options)
     net, name, sha = load_model_with_info(model, device="cpu")

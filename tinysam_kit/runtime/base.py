@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from tinysam_kit.models.device import EngineUnavailableError  # noqa: F401 - raised by engines, caught by callers
+
 # Mask tokens an engine's `decode` can be asked for: SAM's single-mask token 0, its three multimask tokens,
 # or BEST_MULTIMASK, whichever multimask token predicts the highest IoU (what a single click is answered with).
 BEST_MULTIMASK = -1
@@ -15,9 +17,6 @@ ALL_TOKENS = (0, 1, 2, 3)
 SINGLE_MASK_TOKENS = (0,)
 MULTIMASK_TOKENS = (1, 2, 3)
 
-
-class EngineUnavailableError(RuntimeError):
-    """The requested engine, device, precision or provider cannot run on this machine."""
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.sam import TinySam
-from .base import ALL_TOKENS
-from .fast_decoder import DecoderImageSide, DecoderPromptSide, SparseEmbedder
+from tinysam_kit.models.sam import TinySam
+from tinysam_kit.runtime.base import ALL_TOKENS
+from tinysam_kit.runtime.split_decoder import DecoderImageSide, DecoderPromptSide, SparseEmbedder
 
 OPSET = 17
 EXPORT_FORMAT = 5  # bump when the graphs change (inputs, outputs or computation): stale cached exports are redone
@@ -95,7 +95,7 @@ def _writable(directory: Path) -> bool:
 
 def export_dir_for(weights: Path | None, sha256: str | None, name: str) -> Path:
     """Exports live next to the weights; in the cache dir when that folder is read-only (e.g. site-packages)."""
-    from ..models.registry import cache_dir
+    from tinysam_kit.models.registry import cache_dir
 
     if weights is not None and _writable(weights.parent) and os.access(weights.parent, os.W_OK):
         return weights.parent
@@ -280,7 +280,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def weights_path_of(model: str | os.PathLike) -> Path | None:
-    from ..models.registry import MODELS, resolve_weights
+    from tinysam_kit.models.registry import MODELS, resolve_weights
 
     key = str(model)
     if key in MODELS:
@@ -292,7 +292,7 @@ def weights_path_of(model: str | os.PathLike) -> Path | None:
 def ensure_export(model: str | os.PathLike, *, directory: str | os.PathLike | None = None, force: bool = False,
                   log=None) -> tuple[Path, str, dict]:
     """Directory, file stem and manifest of an up-to-date fp32 export of `model`, exporting when needed."""
-    from ..models.registry import load_model_with_info, sha256_file
+    from tinysam_kit.models.registry import load_model_with_info, sha256_file
 
     weights = weights_path_of(model)
     sha = sha256_file(weights) if weights is not None else None

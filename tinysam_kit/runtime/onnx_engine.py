@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import ALL_TOKENS, EngineInfo, EngineUnavailableError
-from .export import PARTS, SIDE_NAMES, ensure_export, part_name, read_manifest
-from .fast_decoder import chosen_iou, decode_in_chunks, points_with_boxes
-from .torch_engine import ImageSideCache
+from tinysam_kit.runtime.base import ALL_TOKENS, EngineInfo, EngineUnavailableError
+from tinysam_kit.runtime.export import PARTS, SIDE_NAMES, ensure_export, part_name, read_manifest
+from tinysam_kit.runtime.split_decoder import chosen_iou, decode_in_chunks, points_with_boxes
+from tinysam_kit.runtime.torch_engine import ImageSideCache
 
 _SESSIONS: dict[tuple, object] = {}
 _SESSIONS_LOCK = threading.Lock()
@@ -121,7 +121,7 @@ class OnnxEngine:
                 f"precision {precision!r} is not available on the onnx engine (use fp32 or int8)")
         directory, stem, _ = ensure_export(model, directory=export_dir, log=log)
         if precision == "int8":
-            from .quantize import ensure_int8
+            from tinysam_kit.runtime.quantize import ensure_int8
 
             ensure_int8(directory, stem, log=log)
         return cls(directory, stem, precision=precision, device=device, threads=threads, **options)

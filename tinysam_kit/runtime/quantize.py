@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import EngineUnavailableError
-from .export import PARTS, manifest_name, part_name, read_manifest, stamp_metadata, write_json_atomic
+from tinysam_kit.runtime.base import EngineUnavailableError
+from tinysam_kit.runtime.export import PARTS, manifest_name, part_name, read_manifest, stamp_metadata, write_json_atomic
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 COSINE_BOUND = 0.995
@@ -79,7 +79,7 @@ def calibration_images(directory: str | os.PathLike) -> list[Path]:
 
 def synthetic_images(count: int, size: int = 1024, seed: int = 0) -> list[np.ndarray]:
     """Project-made scenes (the training world) for calibrating when the user gives no images."""
-    from ..training.synthetic import SyntheticWorld
+    from tinysam_kit.data.synthetic import SyntheticWorld
 
     world = SyntheticWorld(seed=seed)
     return [world[i].resized(size).image for i in range(count)]
@@ -276,8 +276,8 @@ def quantize_model(directory: str | os.PathLike, stem: str, *, calibration=None,
     (default: the last quarter of the calibration images, never used for calibrating). `decoder` says which
     per-prompt decoder products become int8 (`DECODER_INT8_SCOPES`). Returns the report.
     """
-    from ..operators.predictor import TinySamPredictor
-    from .onnx_engine import OnnxEngine, get_session
+    from tinysam_kit.inference.predictor import TinySamPredictor
+    from tinysam_kit.runtime.onnx_engine import OnnxEngine, get_session
 
     directory = Path(directory)
     fp32 = read_manifest(directory, stem, "fp32")
@@ -291,7 +291,7 @@ def quantize_model(directory: str | os.PathLike, stem: str, *, calibration=None,
         raise QuantizationError(f"unknown recipe(s) {', '.join(unknown)} (choose from {', '.join(RECIPES)})")
     if calibration is None:
         images = synthetic_images(12, fp32["img_size"])
-        source = "synthetic scenes (tinysam_kit.training.synthetic, seed 0)"
+        source = "synthetic scenes (tinysam_kit.data.synthetic, seed 0)"
     elif isinstance(calibration, (str, os.PathLike)):
         images, source = calibration_images(calibration), str(calibration)
     else:
@@ -375,7 +375,7 @@ def _rgb(item) -> np.ndarray:
     """An image given as an array (used as is) or a path (loaded as RGB)."""
     if isinstance(item, np.ndarray):
         return item
-    from ..operators.images import load_image
+    from tinysam_kit.data.images import load_image
 
     return load_image(item)
 
@@ -399,9 +399,9 @@ def torch_int8_report(model: str, *, holdout=None, threads: int | None = None, p
     `<package>.fidelity.json` (`report_path`); the package itself is used whatever the result, as with
     `tinysam quantize` for ONNX, and `meets_bounds` says whether it is within `COSINE_BOUND` / `IOU_BOUND`.
     """
-    from ..operators.predictor import TinySamPredictor
-    from . import create_engine
-    from .torch_int8 import CALIBRATION_IMAGES, FLOAT_MODULES, compiled_dir
+    from tinysam_kit.inference.predictor import TinySamPredictor
+    from tinysam_kit.runtime import create_engine
+    from tinysam_kit.runtime.torch_int8 import CALIBRATION_IMAGES, FLOAT_MODULES, compiled_dir
 
     log("compiling the int8 encoder (or loading it from the cache) ...")
     int8 = TinySamPredictor(create_engine(model, engine="torch", precision="int8", device="cpu", threads=threads))

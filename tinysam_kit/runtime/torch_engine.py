@@ -6,63 +6,29 @@ import copy
 import threading
 import weakref
 from collections import OrderedDict
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..models.sam import TinySam
-from .base import ALL_TOKENS, EngineInfo, EngineUnavailableError
-from .fast_decoder import DecoderImageSide, DecoderPromptSide, chosen_iou, chosen_tokens, decode_in_chunks
+from tinysam_kit.models.device import resolve_device
+from tinysam_kit.models.sam import TinySam
+from tinysam_kit.runtime.base import ALL_TOKENS, EngineInfo, EngineUnavailableError
+from tinysam_kit.runtime.cpu import cpu_has_native_bf16
+from tinysam_kit.runtime.split_decoder import (
+    DecoderImageSide,
+    DecoderPromptSide,
+    chosen_iou,
+    chosen_tokens,
+    decode_in_chunks,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without it is a one-line error."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise EngineUnavailableError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EngineUnavailableError(
-                f"device {device!r} requested but CUDA is not available here (torch {torch.__version__}); use cpu"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise EngineUnavailableError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise EngineUnavailableError(f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
-    return dev
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """CPU feature flags (Linux /proc/cpuinfo); empty where unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
-    """bf16 is only worth it on CPUs with bf16 matrix instructions (AMX or AVX512-BF16); elsewhere
-    oneDNN emulates it and it is slower than fp32."""
-    flags = cpu_flags() if flags is None else flags
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 def check_precision(precision: str, device: torch.device, flags: frozenset[str] | None = None) -> torch.dtype:
     """dtype for `precision` on `device`, or a one-line EngineUnavailableError saying what to use instead."""
     if precision == "int8":  # an int8 encoder; the networks around it stay fp32
-        from .torch_int8 import check_int8
+        from tinysam_kit.runtime.torch_int8 import check_int8
 
         check_int8(device, flags)
         return torch.float32
@@ -188,7 +154,7 @@ class TorchEngine:
         self.encoder = copy.deepcopy(self.model.image_encoder)
         fold_batchnorms(self.encoder)
         if precision == "int8":
-            from .torch_int8 import int8_encoder
+            from tinysam_kit.runtime.torch_int8 import int8_encoder
 
             self.channels_last = False  # the compiled int8 program takes standard-layout images
             self.encoder = int8_encoder(self.encoder, cfg.img_size, bf16=cpu_has_native_bf16(),

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.registry import cache_dir, sha256_file
-from .base import EngineUnavailableError
-from .torch_engine import cpu_flags
+from tinysam_kit.models.registry import cache_dir, sha256_file
+from tinysam_kit.runtime.base import EngineUnavailableError
+from tinysam_kit.runtime.cpu import cpu_flags
 
 LOG = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ def package_path(model_sha256: str, img_size: int, bf16: bool) -> Path:
 
 def default_calibration(img_size: int, count: int = CALIBRATION_IMAGES) -> list[torch.Tensor]:
     """Project-made synthetic scenes, preprocessed like the predictor's inputs."""
-    from ..training.data import to_model_input
-    from .quantize import synthetic_images
+    from tinysam_kit.runtime.quantize import synthetic_images
+    from tinysam_kit.training.data import to_model_input
 
     return [to_model_input(image, img_size)[0] for image in synthetic_images(count, img_size)]
 

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.mask_decoder import best_multimask_token
-from ..models.sam import PIXEL_MEAN, PIXEL_STD, TinySam
-from .prompts import correction_click, jitter_box, sample_point
+from tinysam_kit.models.mask_decoder import best_multimask_token
+from tinysam_kit.models.sam import PIXEL_MEAN, PIXEL_STD, TinySam
+from tinysam_kit.training.prompts import correction_click, jitter_box, sample_point
 
 _MEAN = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.sam import PIXEL_MEAN, PIXEL_STD
-from .synthetic import SyntheticWorld
+from tinysam_kit.data.synthetic import SyntheticWorld
+from tinysam_kit.models.sam import PIXEL_MEAN, PIXEL_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -35,7 +35,7 @@ class ImageFolder:
         return self.paths[index].relative_to(self.root).as_posix()
 
     def __getitem__(self, index: int) -> tuple[str, np.ndarray]:
-        from ..operators.images import load_image
+        from tinysam_kit.data.images import load_image
 
         return self.key(index), load_image(self.paths[index])
 

@@ -12,8 +12,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from ..models.config import DEMO
-from .supervised import SupervisedConfig, train_supervised, write_sidecar
+from tinysam_kit.models.config import DEMO
+from tinysam_kit.training.supervised import SupervisedConfig, train_supervised, write_sidecar
 
 DEMO_MODEL = DEMO  # the architecture lives with the other configs; the registry loads it from there
 
@@ -69,7 +69,7 @@ def train_demo(out_dir: str | Path, install: bool = False, log=print, stages: in
     copies the result into the package weights as demo.pth with its config sidecar."""
     import torch.distributed as dist
 
-    from .loop import distributed_from_env
+    from tinysam_kit.training.loop import distributed_from_env
 
     ctx = distributed_from_env()
     out_dir = Path(out_dir)
@@ -82,7 +82,7 @@ def train_demo(out_dir: str | Path, install: bool = False, log=print, stages: in
         final = train_supervised(_split_batches(demo_batchnorm_config(out_dir / "stage2", final, **later),
                                                 ctx.world_size), log=log)
     if install and ctx.is_main:
-        from ..models.registry import PACKAGE_WEIGHTS
+        from tinysam_kit.models.registry import PACKAGE_WEIGHTS
 
         dest = PACKAGE_WEIGHTS / "demo.pth"
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.checkpoint import save_checkpoint
-from ..models.config import ModelConfig
-from ..models.mask_decoder import best_multimask_token
-from ..models.sam import TinySam, build_model
-from .data import EmbeddingCache, ImageFolder, WorldImages, batch_indices, to_model_input
-from .loop import (
+from tinysam_kit.data.synthetic import SyntheticWorld, WorldConfig
+from tinysam_kit.models.checkpoint import save_checkpoint
+from tinysam_kit.models.config import ModelConfig
+from tinysam_kit.models.mask_decoder import best_multimask_token
+from tinysam_kit.models.sam import TinySam, build_model
+from tinysam_kit.training.data import EmbeddingCache, ImageFolder, WorldImages, batch_indices, to_model_input
+from tinysam_kit.training.loop import (
     TrainingError,
     cosine_lr,
     distributed_from_env,
@@ -49,10 +50,9 @@ from .loop import (
     unwrap,
     wrap_ddp,
 )
-from .losses import hard_mask_weights, mask_iou, mask_loss
-from .prompts import disagreement_click
-from .supervised import write_sidecar
-from .synthetic import SyntheticWorld, WorldConfig
+from tinysam_kit.training.losses import hard_mask_weights, mask_iou, mask_loss
+from tinysam_kit.training.prompts import disagreement_click
+from tinysam_kit.training.supervised import write_sidecar
 
 MODES = ("decoupled", "full")
 
@@ -98,12 +98,12 @@ class DistillConfig:
 def load_student_config(spec: str) -> ModelConfig:
     """`vit_t` (TinySAM's TinyViT-5M), `demo`, or a JSON file holding a ModelConfig dict
     (or {"config": ...}, the checkpoint sidecar format)."""
-    from ..models.config import TINYSAM_VIT_T
+    from tinysam_kit.models.config import TINYSAM_VIT_T
 
     if spec in ("vit_t", "tinysam"):
         return TINYSAM_VIT_T
     if spec == "demo":
-        from .demo import DEMO_MODEL
+        from tinysam_kit.training.demo import DEMO_MODEL
 
         return DEMO_MODEL
     path = Path(spec)
@@ -118,7 +118,7 @@ def load_student_config(spec: str) -> ModelConfig:
 
 def load_teacher(spec: str, device: torch.device) -> tuple[TinySam, str]:
     """Teacher network (frozen, eval) and an identifier of its weights (sha256 of the file)."""
-    from ..models.registry import load_model_with_info
+    from tinysam_kit.models.registry import load_model_with_info
 
     model, _, sha = load_model_with_info(spec, device="cpu")
     model = model.to(device).eval()
@@ -287,7 +287,7 @@ class Distiller:
         cfg = self.cfg
         student = build_model(self.student_config)
         if cfg.student_init:
-            from ..models.checkpoint import load_weights, read_state_dict
+            from tinysam_kit.models.checkpoint import load_weights, read_state_dict
 
             load_weights(student, read_state_dict(cfg.student_init), source=cfg.student_init)
         elif self.student_config.decoder == self.teacher.config.decoder:

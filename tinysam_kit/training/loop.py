@@ -27,7 +27,7 @@ def seed_everything(seed: int) -> None:
 
 
 def select_device(device: str = "auto") -> torch.device:
-    from ..runtime.torch_engine import resolve_device
+    from tinysam_kit.models.device import resolve_device
 
     return resolve_device(device)
 

@@ -17,11 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.checkpoint import save_checkpoint
-from ..models.config import ModelConfig
-from ..models.sam import TinySam, build_model
-from .batching import decode_group, initial_groups, normalize_images, refinement_group, resize_targets, upsample
-from .loop import (
+from tinysam_kit.data.synthetic import SyntheticWorld, WorldConfig
+from tinysam_kit.models.checkpoint import save_checkpoint
+from tinysam_kit.models.config import ModelConfig
+from tinysam_kit.models.sam import TinySam, build_model
+from tinysam_kit.training.batching import (
+    decode_group,
+    initial_groups,
+    normalize_images,
+    refinement_group,
+    resize_targets,
+    upsample,
+)
+from tinysam_kit.training.loop import (
     TrainingError,
     cosine_lr,
     distributed_from_env,
@@ -35,8 +43,7 @@ from .loop import (
     set_lr,
     wrap_ddp,
 )
-from .losses import prompt_loss
-from .synthetic import SyntheticWorld, WorldConfig
+from tinysam_kit.training.losses import prompt_loss
 
 HELD_OUT_START = 10_000_000  # world indices from here on are never drawn by training
 
@@ -236,7 +243,7 @@ def train_supervised(cfg: SupervisedConfig, resume: bool = True, log=print) -> P
     seed_everything(cfg.seed)
     model = build_model(model_config)
     if cfg.init_checkpoint:
-        from ..models.checkpoint import load_weights, read_state_dict
+        from tinysam_kit.models.checkpoint import load_weights, read_state_dict
 
         load_weights(model, read_state_dict(cfg.init_checkpoint), source=cfg.init_checkpoint)
     model = model.to(device).train()

@@ -1,0 +1,1 @@
+"""Measurements of models and engines: prompt and everything-mode quality, quantization fidelity."""

@@ -1,0 +1,1 @@
+"""Front ends over the inference core: FiftyOne, Label Studio and Ray."""

@@ -1,0 +1,14 @@
+"""FiftyOne plugin `@tinysam-kit/tinysam`: TinySAM operators in the App, a model for `apply_model`, and
+resumable dataset-wide pre-annotation.
+
+FiftyOne loads this file by path under a synthetic module name, so the operators are imported with
+absolute imports (tinysam-kit must be installed in FiftyOne's environment). This folder holds only what
+FiftyOne loads: the manifest, this file and the operators.
+"""
+
+
+def register(plugin) -> None:
+    from tinysam_kit.integrations.fiftyone.plugin.operators import OPERATORS
+
+    for operator in OPERATORS:
+        plugin.register(operator)

@@ -1,0 +1,17 @@
+"""Label Studio ML backend: TinySAM answers smart keypoint/rectangle clicks with brush masks and
+pre-labels whole projects. A thin HTTP adapter over `tinysam_kit.inference`.
+
+`create_app(settings)` builds the FastAPI application; `tinysam serve-ls` runs it with uvicorn.
+"""
+
+from __future__ import annotations
+
+from tinysam_kit.integrations.labelstudio.settings import BackendSettings
+
+__all__ = ["BackendSettings", "create_app"]
+
+
+def create_app(settings: BackendSettings | None = None, backend=None):
+    from tinysam_kit.integrations.labelstudio.app import create_app as _create_app  # FastAPI is an optional dependency
+
+    return _create_app(settings, backend)
