@@ -96,7 +96,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tinysam-bench-fo-"))
     model = args.model
     if model == "auto":
-        from tinysam_kit.cli import CliError, resolve_model_choice
+        from tinysam_kit.cli.common import CliError, resolve_model_choice
 
         try:
             model = resolve_model_choice("auto", log=lambda *a, **k: None)

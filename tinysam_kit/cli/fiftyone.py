@@ -108,7 +108,7 @@ def prelabel(args) -> int:
     import fiftyone as fo
     from tqdm import tqdm
 
-    from tinysam_kit.cli import CliError, resolve_model_choice
+    from tinysam_kit.cli.common import CliError, resolve_model_choice
     from tinysam_kit.integrations.fiftyone.runner import RunError, RunSpec, run_segmentation
 
     try:

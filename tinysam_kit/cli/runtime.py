@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def _model(args) -> str:
-    from tinysam_kit.cli import resolve_model_choice
+    from tinysam_kit.cli.common import resolve_model_choice
 
     return resolve_model_choice(args.model)
 
