@@ -20,8 +20,12 @@ LAYERS = (
     ("cli",),
 )
 # Front ends never import each other; Ray is an execution backend they may use, and it uses neither.
-INDEPENDENT = (("integrations.fiftyone", "integrations.labelstudio"), ("integrations.labelstudio", "integrations.fiftyone"),
-               ("integrations.ray", "integrations.fiftyone"), ("integrations.ray", "integrations.labelstudio"))
+INDEPENDENT = (
+    ("integrations.fiftyone", "integrations.labelstudio"),
+    ("integrations.labelstudio", "integrations.fiftyone"),
+    ("integrations.ray", "integrations.fiftyone"),
+    ("integrations.ray", "integrations.labelstudio"),
+)
 
 
 def module_name(path: Path) -> str:
