@@ -83,7 +83,7 @@ def _everything_worker(queue, model, spec, threads, export_dir, image, mode, par
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM belongs to the address space, which exec replaces; the
-    rusage maximum survives exec, so a worker spawned by a parent holding 2 GB of models would report 2 GB."""
+    rusage maximum survives exec, so a worker spawned by a parent holding models would report the parent's peak."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

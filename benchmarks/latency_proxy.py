@@ -2,8 +2,8 @@
 
 A click on a cached image costs TinySAM's decoder — the same arithmetic whatever its weights — plus turning
 the mask into the answer (upsampling, brush RLE, JSON), which depends on the mask's shape. Random weights
-make ragged masks (~125 000 runs in a 1280×960 mask, a 1 MB answer); trained ones make compact masks (hundreds to a few
-thousand runs). This proxy has TinySAM's decoder configuration exactly (256 wide, 8 heads, 2048-wide MLPs)
+make ragged masks (runs by the hundred thousand on a photo, megabyte answers); trained ones make compact masks
+(few runs). This proxy has TinySAM's decoder configuration exactly (256 wide, 8 heads, 2048-wide MLPs)
 and compact, prompt-dependent masks:
 
 * encoder: the bundled demo model's TinyViT body (dims 16/48/96/128) with a new 256-channel neck;
@@ -12,11 +12,10 @@ and compact, prompt-dependent masks:
   on the synthetic world at 256 px (lr 1e-3), then 100 steps at **1024 px** (2 images per step, lr 3e-4), the
   input size it is registered at, where the decoder runs on TinySAM's tensor shapes (64×64 embedding, 256×256
   masks). Every layer is resolution-agnostic; the short second stage is what makes its masks compact at 1024 px
-  (measured on the load test's clicks: after the first stage alone 38 connected parts per mask spread over
-  85 % of the image, after the second 10 parts within 9 %).
+  (after the first stage alone they break into many connected parts spread over the image).
 
 Its masks are compact like a trained model's, not good segmentations; use it for timing, never for quality.
-~25 min on two cores, cached in the weights cache. Build it ahead with
+Training takes tens of minutes on a 2-core CPU; the result is cached in the weights cache. Build it ahead with
 
     torchrun --standalone --nproc_per_node 2 benchmarks/latency_proxy.py      # or: python benchmarks/latency_proxy.py
 """

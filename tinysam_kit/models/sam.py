@@ -24,7 +24,7 @@ def build_image_encoder(config: ModelConfig) -> nn.Module:
 
 
 class TinySam(nn.Module):
-    """Networks only: no image I/O, no prompt transforms. Those live in `operators`."""
+    """Networks only: no image I/O, no prompt transforms. Those live in `data` and `inference`."""
 
     mask_threshold: float = 0.0
 

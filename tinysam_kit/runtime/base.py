@@ -1,4 +1,4 @@
-"""The engine interface: the only thing operators know about how the networks are executed."""
+"""The engine interface: the only thing the inference layer knows about how the networks are executed."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ Encoder recipes compared (ONNX Runtime's quantization tools):
   static_qdq_guarded static QDQ, but products fed by numerically sensitive tensors stay in float: outputs of
                      Softmax and GELU (long-tailed, as TinySAM's own PTQ notes), and the neck
 In the per-prompt decoder only the first upscaling product becomes int8 by default (dynamic, no calibration
-needed): ONNX Runtime runs it 3× faster in int8 at almost no cost in masks, while int8 in every decoder
+needed): ONNX Runtime runs it much faster in int8 at almost no cost in masks, while int8 in every decoder
 MatMul costs far more mask fidelity than its speed-up is worth (`decoder="all"` still offers it).
+`tinysam quantize` reports both (docs/runtime.md).
 `quantize_model` evaluates each encoder candidate on held-out images (embedding cosine, mask IoU of int8 vs
 fp32 over many prompts, encoder time) and publishes the fastest one that meets the fidelity bounds, with the
 full comparison written next to the files.
@@ -34,15 +35,15 @@ from tinysam_kit.runtime.export import PARTS, manifest_name, part_name, read_man
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 COSINE_BOUND = 0.995
 IOU_BOUND = 0.98
-# Chosen by measurement (docs/runtime.md), 1024-px TinySAM architecture: per-channel dynamic int8 MatMuls
-# give both the best fidelity (embedding cosine 0.9993 vs 0.9957, mask IoU 0.921 vs 0.907) and the fastest
-# encoder (0.63× ONNX fp32, where guarded static QDQ runs 1.2× slower than fp32: its quantize/dequantize
-# pairs around every float-kept operator cost more than the int8 products save).
+# Chosen by measurement on TinySAM's 1024-px architecture (`tinysam quantize` compares the recipes; numbers in
+# docs/runtime.md): per-channel dynamic int8 MatMuls give both the best fidelity and the fastest encoder, while
+# guarded static QDQ runs slower than fp32 (its quantize/dequantize pairs around every float-kept operator
+# cost more than the int8 products save).
 DEFAULT_RECIPE = "dynamic_pc"
 # Which per-prompt decoder products are int8: "fp32" (none), "upscale" (the first upscaling product alone,
-# see fast_decoder.PixelUpscale) or "all" weight MatMuls. Measured: with an int8 encoder (embedding cosine
-# 1.0000 on the demo model) all-int8 decoder MatMuls drop the mask IoU vs fp32 from 0.996 to 0.960 for
-# ~10 % of a click; the upscaling product alone runs 3× faster in int8 (docs/runtime.md).
+# see split_decoder.PixelUpscale) or "all" weight MatMuls. All-int8 decoder MatMuls cost much more mask IoU
+# vs fp32 than they save of a click; the upscaling product alone is much faster in int8 at almost no cost
+# (`tinysam quantize --decoder-int8 ...` measures each scope; docs/runtime.md).
 DECODER_INT8_SCOPES = ("fp32", "upscale", "all")
 DEFAULT_DECODER_INT8 = "upscale"
 
@@ -192,7 +193,7 @@ def quantize_encoder(src: Path, dst: Path, recipe: Recipe, preprocess, images) -
 
 def quantize_decoder_prompt(src: Path, dst: Path, scope: str = "all") -> int:
     """Dynamic int8 weight MatMuls in the per-prompt decoder: every one (`all`) or only the first upscaling
-    product (`upscale`, see `fast_decoder.PixelUpscale`). Returns the number of quantized nodes."""
+    product (`upscale`, see `split_decoder.PixelUpscale`). Returns the number of quantized nodes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if scope not in DECODER_INT8_SCOPES or scope == "fp32":

@@ -9,7 +9,7 @@ any number of prompts (`DecoderPromptSide`), which saves about a quarter of the 
 of its batch-sized copies of the embedding. The later cross-attentions fold their projections of the 4096
 image tokens into the handful of prompt tokens (`token_to_image`, `image_to_token`), halving the rest; with
 the softmax laid out along the image axis and no per-prompt head transpositions of image-sized tensors, one
-click decodes about 3× faster than `MaskDecoder.forward` on CPU (benchmarks/bench_core.py).
+click decodes several times faster than `MaskDecoder.forward` on CPU (benchmarks/bench_core.py measures it).
 
 Both halves reuse the model's own modules and weights; the function is `MaskDecoder.forward`'s up to
 floating-point summation order (tested: logits within 1e-4 + 2e-6 of their scale, same masks).
@@ -245,11 +245,11 @@ class DecoderPromptSide(nn.Module):
         c1, c2 = self.upscale1.out_channels, self.upscale2.out_channels
         x = self.upscale1(keys).reshape(b, hw * 4, c1)
         x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-        # (a 2-D product here would export as a Gemm with the bias fused, which ONNX Runtime runs 2× slower)
+        # (a 2-D product here would export as a Gemm with the bias fused, which ONNX Runtime runs slower)
         x = act2(self.upscale2(x)).reshape(b, hw * 16, c2)
         k = hyper_in.shape[1]
         if torch.onnx.is_in_onnx_export():
-            # ONNX Runtime transposes the (K, 16·HW) product 1.5× faster than the (16·HW, K) one (measured);
+            # ONNX Runtime transposes the (K, 16·HW) product faster than the (16·HW, K) one;
             # PyTorch the other way round. Same values either way.
             masks = (hyper_in @ x.transpose(1, 2)).reshape(b, k, e, e, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         else:
@@ -262,7 +262,7 @@ class PixelUpscale(nn.Module):
     pixel's offset inside its 2×2 window becomes part of the channel index, (..., C) → (..., 4·C').
 
     Its own module so that exported nodes carry its name: the int8 decoder quantizes `upscale1` alone (a
-    quarter of a click's arithmetic, and the one product whose int8 form ONNX Runtime runs 3× faster).
+    quarter of a click's arithmetic, and the one product whose int8 form ONNX Runtime runs much faster).
     """
 
     def __init__(self, conv: nn.ConvTranspose2d) -> None:
@@ -331,8 +331,8 @@ def points_with_boxes(point_coords: torch.Tensor | None, point_labels: torch.Ten
 
 # Prompts decoded per call. The per-prompt upscaling tensors are ~8 MB each at 1024 px input (16·HW × 32
 # floats), so large batches are memory-bound and pin memory (in ONNX Runtime's arena for the session's life).
-# Measured, hierarchical everything mode on a 1024-px image, 4 vs 8 prompts per call: peak RSS 815 vs
-# 1060 MB (ONNX int8), 730 vs 770 MB (PyTorch), with times equal within the machine's noise (±10 %).
+# 4 per call keep everything mode's peak memory lower than 8 at the same speed (benchmarks/bench_core.py
+# reports time and peak RSS; docs/runtime.md).
 PROMPT_CHUNK = 4
 
 

@@ -3,14 +3,14 @@
 Static post-training quantization in PyTorch's export path (torchao's PT2E flow with its
 `X86InductorQuantizer`: uint8 activations calibrated per tensor on images, int8 per-channel weights),
 compiled ahead of time by Inductor with frozen weights (an AOTInductor package, which lowers the quantized
-products to oneDNN's int8 kernels), cached per model so later processes load it in milliseconds. ONNX
-Runtime's int8 encoder keeps every convolution and activation in fp32 and runs 0.44–0.5× the exact encoder's
-time; this one 0.16–0.20× (benchmarks/bench_core.py, docs/runtime.md).
+products to oneDNN's int8 kernels), cached per model so later processes load it instead of compiling. ONNX
+Runtime's int8 encoder keeps every convolution and activation in fp32; this one runs the quantized products
+in int8 kernels and is several times faster (benchmarks/bench_core.py compares them; docs/runtime.md).
 
 The stem and stage 0 (patch embedding and MBConv blocks at 1/4 resolution) and the downsampling
 convolutions stay in float — bf16 where the CPU has bf16 matrix units — as do LayerNorm, softmax and GELU:
-quantizing the stem and downsampling costs most of the fidelity (random TinySAM weights, embedding cosine
-vs fp32: 0.9917 with everything int8, 0.9971 with them in float) and, in bf16, they are no slower.
+quantizing the stem and downsampling costs most of the fidelity (embedding cosine vs fp32, measured per
+choice of float modules in docs/runtime.md) and, in bf16, they are no slower.
 """
 
 from __future__ import annotations
@@ -199,9 +199,9 @@ def default_calibration(img_size: int, count: int = CALIBRATION_IMAGES) -> list[
 
 
 def int8_encoder(encoder: nn.Module, img_size: int, bf16: bool, model_sha256: str | None = None) -> Int8Encoder:
-    """The compiled int8 encoder: loaded from the cache when this model was compiled before, else built (about a
-    minute for TinySAM on 2 cores) and, for a model with a known hash, cached; otherwise built in a temporary
-    directory (the loaded program does not need its file afterwards)."""
+    """The compiled int8 encoder: loaded from the cache when this model was compiled before, else built
+    (calibration and compilation; docs/runtime.md gives times) and, for a model with a known hash, cached;
+    otherwise built in a temporary directory (the loaded program does not need its file afterwards)."""
     path = package_path(model_sha256, img_size, bf16) if model_sha256 is not None else None
     if path is not None and verified_package(path):
         try:

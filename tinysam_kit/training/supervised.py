@@ -75,9 +75,10 @@ class SupervisedConfig:
     attention_aux_weight: float = 0.0
     # BatchNorm: trained on 2–4 images per process, the convolutional stage comes to rely on per-batch
     # statistics, and in inference mode (running statistics, as every SAM runtime uses) a click's mean IoU
-    # drops from 0.75 to 0.54 (measured on the demo model). `recalibrate_batchnorm` re-estimates the running
-    # statistics on that many world images before training; `frozen_batchnorm` then trains with them fixed
-    # (inference-mode BatchNorm), so the weights adapt to the statistics the model is used with.
+    # drops sharply (`tinysam evaluate-synthetic` measures it; docs/training.md). `recalibrate_batchnorm`
+    # re-estimates the running statistics on that many world images before training; `frozen_batchnorm` then
+    # trains with them fixed (inference-mode BatchNorm), so the weights adapt to the statistics the model is
+    # used with.
     recalibrate_batchnorm: int = 0
     frozen_batchnorm: bool = False
     lr: float = 1e-3
