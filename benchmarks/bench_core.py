@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     if predictors:
         print_engine_table(results, predictors, base)
         print()
-    from tinysam_kit.runtime.quantize import fidelity
+    from tinysam_kit.evaluation.quantization import fidelity
 
     for int8, fp32 in (("onnx int8", "onnx fp32"), ("torch int8", "torch fp32 optimised")):
         if int8 in predictors and fp32 in predictors:

@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
+from tinysam_kit.data.preprocess import resized_shape
 from tinysam_kit.inference.encodings.labelstudio import mask_to_rle
-from tinysam_kit.inference.predictor import resized_shape
 from tinysam_kit.inference.upsampling import mask_from_low_res, resize_logits
 
 IMG_SIZE, LOW_RES = 1024, 256

@@ -90,18 +90,26 @@ def test_bad_parameters_are_rejected(predictor, image):
         generate_everything(predictor, image, points_per_side=1)
 
 
-def test_low_res_prefilter_keeps_exact_masks(predictor, image):
-    exact = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
-                                stability_score_thresh=0.5)
-    fast = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
-                               stability_score_thresh=0.5, low_res_prefilter_margin=1.0)
-    # A margin as wide as the score range never drops anything: identical output.
-    assert [r["area"] for r in fast] == [r["area"] for r in exact]
-    tight = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
-                                stability_score_thresh=0.5, low_res_prefilter_margin=0.0)
-    exact_areas = {(tuple(r["point_coords"][0]), r["area"]) for r in exact}
-    # Whatever the prefilter keeps is computed exactly (a subset of the exact records, modulo NMS reshuffles).
-    assert sum((tuple(r["point_coords"][0]), r["area"]) in exact_areas for r in tight) >= 0.5 * len(tight)
+def test_max_area_fraction_drops_only_masks_larger_than_the_fraction(predictor, image):
+    everything = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
+                                     stability_score_thresh=0.5)
+    h, w = image.shape[:2]
+    largest = max(r["area"] for r in everything) / (h * w)
+    limit = largest * 0.99
+    kept = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
+                               stability_score_thresh=0.5, max_area_fraction=limit)
+    assert kept and all(r["area"] <= limit * h * w for r in kept)
+    assert [r["area"] for r in kept] == [r["area"] for r in everything if r["area"] <= limit * h * w]
+
+
+def test_policy_everything_params_explicit_beats_registered_beats_default():
+    from tinysam_kit.inference.policy import MAX_AREA_FRACTION, everything_params
+
+    demo = everything_params("demo", {"pred_iou_thresh": None, "stability_score_thresh": 0.7}, prelabel=True)
+    assert demo["pred_iou_thresh"] == 0.5 and demo["stability_score_thresh"] == 0.7  # registered, explicit
+    assert demo["max_area_fraction"] == MAX_AREA_FRACTION and demo["box_nms_thresh"] == 0.7  # front-end default
+    assert everything_params("tinysam", {}, prelabel=True)["pred_iou_thresh"] == 0.88  # SAM's
+    assert "max_area_fraction" not in everything_params("tinysam", {})  # the Python API keeps SAM's behaviour
 
 
 def test_registered_models_bring_their_everything_thresholds():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinysam_kit.inference.predictor import resized_shape
+from tinysam_kit.data.preprocess import resized_shape
 
 
 @pytest.fixture(scope="module")

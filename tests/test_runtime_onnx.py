@@ -141,7 +141,8 @@ def quantized(tiny_export, tmp_path_factory):
     """Quantize a copy of the tiny export with two recipes, calibrating on saved synthetic scenes."""
     from PIL import Image
 
-    from tinysam_kit.runtime.quantize import quantize_model, synthetic_images
+    from tinysam_kit.evaluation.quantization import quantize_model
+    from tinysam_kit.runtime.quantize import synthetic_images
 
     directory, stem, _ = tiny_export
     work = tmp_path_factory.mktemp("quant")

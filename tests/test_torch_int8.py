@@ -7,17 +7,18 @@ import sys
 import pytest
 import torch
 
+from tinysam_kit.evaluation.quantization import COSINE_BOUND, IOU_BOUND, fidelity
 from tinysam_kit.inference.predictor import TinySamPredictor
 from tinysam_kit.models.registry import sha256_file
 from tinysam_kit.runtime import EngineUnavailableError, create_engine
-from tinysam_kit.runtime.quantize import COSINE_BOUND, IOU_BOUND, fidelity, synthetic_images
+from tinysam_kit.runtime.quantize import synthetic_images
 from tinysam_kit.runtime.torch_engine import check_precision
 from tinysam_kit.runtime.torch_int8 import (
     FLOAT_MODULES,
     check_int8,
     compiled_dir,
     cpu_has_int8_matmul,
-    quantize_encoder,
+    pt2e_quantize_encoder,
     verified_package,
 )
 
@@ -67,7 +68,7 @@ def test_quantization_keeps_the_sensitive_modules_in_float():
     """The eager reference form needs only torchao (installed by setup), not the int8 kernels."""
     fp32 = create_engine("demo", engine="torch", precision="fp32", device="cpu", channels_last=False)
     images = [torch.randn(1, 3, 256, 256) for _ in range(2)]
-    quantized = quantize_encoder(fp32.encoder, images)
+    quantized = pt2e_quantize_encoder(fp32.encoder, images)
     int8_input = {}  # module name → whether its product reads a dequantized (int8) input
     for node in quantized.graph.nodes:
         if str(node.target) in ("aten.linear.default", "aten.conv2d.default"):

@@ -14,10 +14,11 @@ import pytest
 import torch
 from training_helpers import STUDENT, TEACHER, TINY_WORLD, save_model, state_of
 
+from tinysam_kit.data.preprocess import to_model_input
 from tinysam_kit.data.synthetic import SyntheticWorld, WorldConfig
 from tinysam_kit.models.checkpoint import load_checkpoint
 from tinysam_kit.models.registry import load_model
-from tinysam_kit.training.data import EmbeddingCache, ImageFolder, batch_indices, to_model_input
+from tinysam_kit.training.data import ImageFolder, TeacherEmbeddingStore, batch_indices
 from tinysam_kit.training.distill import DistillConfig, Distiller, check_compatible, load_student_config
 from tinysam_kit.training.loop import (
     DistributedContext,
@@ -220,7 +221,7 @@ def test_model_input_and_image_folder(tmp_path):
         ImageFolder(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="image directory not found"):
         ImageFolder(tmp_path / "missing")
-    cache = EmbeddingCache(tmp_path / "cache", "abc123")
+    cache = TeacherEmbeddingStore(tmp_path / "cache", "abc123")
     assert cache.get("a.jpg") is None
     cache.put("a.jpg", torch.ones(4, 2, 2))
     assert torch.equal(cache.get("a.jpg"), torch.ones(4, 2, 2))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinysam_kit.inference.predictor import resized_shape
+from tinysam_kit.data.preprocess import resized_shape
 from tinysam_kit.inference.upsampling import FullResolution, axis_map, mask_from_low_res, resize_logits
 
 

@@ -63,8 +63,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from tinysam_kit.evaluation.quantization import quantize_model, report_summary
     from tinysam_kit.runtime.export import ExportError, ensure_export
-    from tinysam_kit.runtime.quantize import QuantizationError, quantize_model, report_summary
+    from tinysam_kit.runtime.quantize import QuantizationError
 
     if args.engine == "torch":
         return _quantize_torch(args)
@@ -86,7 +87,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _quantize_torch(args: argparse.Namespace) -> int:
-    from tinysam_kit.runtime.quantize import QuantizationError, torch_int8_report, torch_int8_summary
+    from tinysam_kit.evaluation.quantization import torch_int8_report, torch_int8_summary
+    from tinysam_kit.runtime.quantize import QuantizationError
 
     if args.calibration is not None:
         return _fail(ValueError("--engine torch calibrates on its built-in synthetic scenes; --calibration is for "

@@ -224,3 +224,10 @@ def changed_settings(old: dict | None, new: dict) -> list[str]:
         elif a != b:
             out.append(key)
     return out
+
+
+def registered_weights(name: str) -> tuple[os.PathLike, dict]:
+    """The checksum-verified weights file of a registered model (downloaded unless offline) and its architecture,
+    for tools that keep their own copy (FiftyOne's model zoo)."""
+    path, spec = resolve_weights(name, download=not is_offline())
+    return path, spec.config.to_dict()

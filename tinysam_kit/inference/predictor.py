@@ -11,13 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from tinysam_kit.data.images import load_image, to_rgb_uint8
+from tinysam_kit.data.preprocess import to_model_input
 from tinysam_kit.inference.policy import EngineOptions, ModelChoice, prompt_tokens, report_score
 from tinysam_kit.inference.upsampling import mask_from_low_res, resize_logits
-from tinysam_kit.models.sam import PIXEL_MEAN, PIXEL_STD
 from tinysam_kit.runtime import ALL_TOKENS, BEST_MULTIMASK, MULTIMASK_TOKENS, SINGLE_MASK_TOKENS, Engine, create_engine
 
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
@@ -90,10 +88,6 @@ class EmbeddingCache:
         return key in self._items
 
 
-def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
 
 def content_key(image: np.ndarray) -> str:
     digest = hashlib.blake2b(image.tobytes(), digest_size=16)
@@ -124,8 +118,6 @@ class TinySamPredictor:
         self.cache = EmbeddingCache(cache_bytes)
         self.current: ImageEmbedding | None = None
         self.img_size = engine.info.img_size
-        self._mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32)
-        self._std = torch.tensor(PIXEL_STD, dtype=torch.float32)
         self.model_choice = ModelChoice(engine.info.model_name, engine.info.model_name)
 
     @classmethod
@@ -159,13 +151,7 @@ class TinySamPredictor:
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pillow's antialiased bilinear resize of the uint8 image (bit-exact with the reference),
         normalisation, zero padding to the square input."""
-        h, w = image.shape[:2]
-        nh, nw = resized_shape(h, w, self.img_size)
-        resized = np.array(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-        x = (torch.from_numpy(resized).float() - self._mean) / self._std
-        x = x.permute(2, 0, 1).unsqueeze(0)
-        x = F.pad(x, (0, self.img_size - nw, 0, self.img_size - nh))
-        return x, (nh, nw)
+        return to_model_input(image, self.img_size)
 
     def embed(self, image, image_format: str = "RGB", key: str | None = None,
               cache: bool = True) -> ImageEmbedding:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tinysam_kit.data.preprocess import PIXEL_MEAN, PIXEL_STD
 from tinysam_kit.models.config import ModelConfig, TinyViTConfig
 from tinysam_kit.models.mask_decoder import MaskDecoder, TwoWayTransformer
 from tinysam_kit.models.prompt_encoder import PromptEncoder
 from tinysam_kit.models.tiny_vit import TinyViT
-
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def build_image_encoder(config: ModelConfig) -> nn.Module:

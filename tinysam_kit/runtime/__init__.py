@@ -22,7 +22,7 @@ def create_engine(model: str = "tinysam", *, engine: str = "torch", precision: s
                   device: str = "auto", threads: int | None = None, **options) -> Engine:
     """Load `model` (registry name or checkpoint path) and wrap it in the requested engine.
 
-    `options` go to the engine: torch takes `exact`, `channels_last`, `compile`; onnx takes `export_dir`.
+    `options` go to the engine: torch takes `exact`, `channels_last`; onnx takes `export_dir`.
     Unavailable devices, precisions or providers raise a one-line EngineUnavailableError.
     """
     from tinysam_kit.models.registry import load_model_with_info

@@ -76,11 +76,6 @@ def get_session(path: Path, providers: list, threads: int | None, arena: bool = 
         return sess
 
 
-def clear_sessions() -> None:
-    with _SESSIONS_LOCK:
-        _SESSIONS.clear()
-
-
 class OnnxEngine:
     """Encoder + split decoder on ONNX Runtime. Embeddings are float32 numpy arrays."""
 

@@ -169,10 +169,9 @@ class DecoderPromptSide(nn.Module):
     with about half the arithmetic for prompts of up to a dozen points (float rounding differs).
     """
 
-    def __init__(self, model: TinySam, gemm_upscale: bool = True) -> None:
+    def __init__(self, model: TinySam) -> None:
         super().__init__()
         self.decoder = model.mask_decoder
-        self.gemm_upscale = gemm_upscale
         self.upscale1 = PixelUpscale(model.mask_decoder.output_upscaling[0])
         self.upscale2 = PixelUpscale(model.mask_decoder.output_upscaling[3])
         self.embedding_size = model.config.embedding_size
@@ -220,15 +219,7 @@ class DecoderPromptSide(nn.Module):
         iou = dec.iou_prediction_head(queries[:, 0, :])
         index = token_index(iou, mask_tokens)
         hyper_in = hyper_in.gather(1, index.unsqueeze(-1).expand(-1, -1, hyper_in.shape[-1]))
-        if self.gemm_upscale:
-            masks = self.upscale_and_project(keys, hyper_in)
-        else:  # the model's own transposed convolutions
-            b, hw, c = keys.shape
-            e = self.embedding_size
-            upscaled = dec.output_upscaling(keys.transpose(1, 2).reshape(b, c, e, e))
-            b, c, h, w = upscaled.shape
-            masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        return masks, iou
+        return self.upscale_and_project(keys, hyper_in), iou
 
     def upscale_and_project(self, keys: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
         """`output_upscaling` followed by the hypernetwork product, as matrix products.

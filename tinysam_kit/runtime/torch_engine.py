@@ -116,13 +116,13 @@ class TorchEngine:
     (`exact=False`) keeps fp32 answers (logits within float32 rounding: 1e-4 + 2e-6 of their scale) while
     folding BatchNorm into convolutions, using channels-last memory for the encoder on CPU, and splitting the
     decoder so its prompt-independent work is done once per image and its attention runs in folded form.
-    fp16/bf16 trade exactness for speed; `compile=True` adds `torch.compile`. int8 (x86 CPUs with VNNI/AMX)
+    fp16/bf16 trade exactness for speed. int8 (x86 CPUs with VNNI/AMX)
     quantizes and compiles the encoder (`torch_int8`); its decoder is the fp32 one.
     """
 
     def __init__(self, model: TinySam, *, device: str = "auto", precision: str = "fp32",
                  model_name: str = "custom", model_sha256: str | None = None, threads: int | None = None,
-                 exact: bool = False, channels_last: bool | None = None, compile: bool = False,
+                 exact: bool = False, channels_last: bool | None = None,
                  image_cache_size: int = 8):
         if exact and precision != "fp32":
             raise EngineUnavailableError(f"exact=True is the fp32 reference path; it cannot run in {precision}")
@@ -163,12 +163,8 @@ class TorchEngine:
             self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
             if self.channels_last:
                 self.encoder = self.encoder.to(memory_format=torch.channels_last)
-            if compile:
-                self.encoder = torch.compile(self.encoder, dynamic=False)
         self._image_side = DecoderImageSide(self.model).to(self.device, self.dtype).eval()
         self._prompt_side = DecoderPromptSide(self.model).to(self.device, self.dtype).eval()
-        if compile:
-            self._prompt_side = torch.compile(self._prompt_side, dynamic=True)
 
     @property
     def decoder_mode(self) -> str:

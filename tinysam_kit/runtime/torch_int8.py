@@ -84,7 +84,7 @@ def _torchao():
     return prepare_pt2e, convert_pt2e, x86
 
 
-def quantize_encoder(encoder: nn.Module, calibration: list[torch.Tensor],
+def pt2e_quantize_encoder(encoder: nn.Module, calibration: list[torch.Tensor],
                      float_modules: tuple[str, ...] = FLOAT_MODULES) -> nn.Module:
     """Exported, calibrated and converted copy of `encoder` (fp32, eval) for one (1, 3, S, S) image at a time.
 
@@ -144,7 +144,7 @@ def build_package(encoder: nn.Module, calibration: list[torch.Tensor], bf16: boo
     `.sha256` sidecar that `verified_package` checks before anything loads it)."""
     from torch._inductor import aoti_compile_and_package
 
-    quantized = quantize_encoder(encoder, calibration)
+    quantized = pt2e_quantize_encoder(encoder, calibration)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
     try:
@@ -192,8 +192,8 @@ def package_path(model_sha256: str, img_size: int, bf16: bool) -> Path:
 
 def default_calibration(img_size: int, count: int = CALIBRATION_IMAGES) -> list[torch.Tensor]:
     """Project-made synthetic scenes, preprocessed like the predictor's inputs."""
+    from tinysam_kit.data.preprocess import to_model_input
     from tinysam_kit.runtime.quantize import synthetic_images
-    from tinysam_kit.training.data import to_model_input
 
     return [to_model_input(image, img_size)[0] for image in synthetic_images(count, img_size)]
 

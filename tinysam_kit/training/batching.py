@@ -8,8 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinysam_kit.data.preprocess import PIXEL_MEAN, PIXEL_STD
 from tinysam_kit.models.mask_decoder import best_multimask_token
-from tinysam_kit.models.sam import PIXEL_MEAN, PIXEL_STD, TinySam
+from tinysam_kit.models.sam import TinySam
 from tinysam_kit.training.prompts import correction_click, jitter_box, sample_point
 
 _MEAN = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from tinysam_kit.data.preprocess import to_model_input  # noqa: F401 - training's input transform
 from tinysam_kit.data.synthetic import SyntheticWorld
-from tinysam_kit.models.sam import PIXEL_MEAN, PIXEL_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -56,22 +55,8 @@ class WorldImages:
         return self.key(index), self.world[self.start + index].image
 
 
-def to_model_input(image: np.ndarray, img_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """RGB uint8 → (1, 3, S, S) normalised input: long side resized to S (Pillow bilinear, as the
-    predictor does), zero-padded bottom/right. Returns the tensor and the resized (h, w)."""
-    h, w = image.shape[:2]
-    scale = img_size / max(h, w)
-    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
-    if (nh, nw) != (h, w):
-        image = np.array(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    x = torch.from_numpy(np.array(image, dtype=np.float32))
-    x = (x - torch.tensor(PIXEL_MEAN)) / torch.tensor(PIXEL_STD)
-    x = x.permute(2, 0, 1)[None]
-    x = torch.nn.functional.pad(x, (0, img_size - nw, 0, img_size - nh))
-    return x, (nh, nw)
 
-
-class EmbeddingCache:
+class TeacherEmbeddingStore:
     """Teacher embeddings on disk (float16), one file per image, namespaced by the teacher's hash so a
     different teacher never reuses stale embeddings."""
 

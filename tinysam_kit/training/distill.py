@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinysam_kit.data.preprocess import to_model_input
 from tinysam_kit.data.synthetic import SyntheticWorld, WorldConfig
 from tinysam_kit.models.checkpoint import save_checkpoint
 from tinysam_kit.models.config import ModelConfig
 from tinysam_kit.models.mask_decoder import best_multimask_token
 from tinysam_kit.models.sam import TinySam, build_model
-from tinysam_kit.training.data import EmbeddingCache, ImageFolder, WorldImages, batch_indices, to_model_input
+from tinysam_kit.training.data import ImageFolder, TeacherEmbeddingStore, WorldImages, batch_indices
 from tinysam_kit.training.loop import (
     TrainingError,
     cosine_lr,
@@ -278,7 +279,7 @@ class Distiller:
             self.data = ImageFolder(cfg.images)
         else:
             self.data = WorldImages(SyntheticWorld(cfg.world_seed, WorldConfig(**cfg.world)), cfg.synthetic_images)
-        self.cache = EmbeddingCache(cfg.embedding_cache, self.teacher_id) if cfg.embedding_cache else None
+        self.cache = TeacherEmbeddingStore(cfg.embedding_cache, self.teacher_id) if cfg.embedding_cache else None
         self.out = Path(cfg.out_dir)
         self.tap_student = _TokenTap(self.student)
         self.tap_teacher = _TokenTap(self.teacher)
