@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
+from tinysam_kit.inference.embedding_store import DEFAULT_MAX_BYTES, EmbeddingStore
 from tinysam_kit.models.registry import MODELS, ModelNotAvailableError, cache_dir, resolve_weights
 from tinysam_kit.runtime.base import BEST_MULTIMASK, SINGLE_MASK_TOKENS
 
@@ -188,6 +189,28 @@ def keep_record(record: dict, height: int, width: int, max_area_fraction: float 
     if max_area_fraction is None or max_area_fraction >= 1.0:
         return True
     return int(record["area"]) <= max_area_fraction * height * width
+
+
+# -------------------------------------------------------------------------------------- embedding store
+STORE_ENV = "TINYSAM_EMBEDDING_STORE"  # a folder, or "off"
+STORE_MB_ENV = "TINYSAM_EMBEDDING_STORE_MB"
+
+
+def embedding_store() -> EmbeddingStore | None:
+    """The persistent embedding store the front ends share (FiftyOne operators, the Label Studio backend,
+    `--embeddings-only` warm-ups): `$TINYSAM_HOME/embeddings`, 4 GiB, unless TINYSAM_EMBEDDING_STORE names
+    another folder or "off" and TINYSAM_EMBEDDING_STORE_MB another bound."""
+    where = (os.environ.get(STORE_ENV) or "").strip()
+    if where.lower() in ("off", "0", "false", "no", "none"):
+        return None
+    raw = (os.environ.get(STORE_MB_ENV) or "").strip()
+    try:
+        max_bytes = int(raw) * 1024 * 1024 if raw else DEFAULT_MAX_BYTES
+    except ValueError as exc:
+        raise PolicyError(f"{STORE_MB_ENV} must be a number of megabytes, got {raw!r}") from exc
+    if max_bytes < 1:
+        raise PolicyError(f"{STORE_MB_ENV} must be positive, got {raw!r}")
+    return EmbeddingStore(where or cache_dir() / "embeddings", max_bytes)
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -14,6 +14,7 @@ import torch
 
 from tinysam_kit.data.images import load_image, to_rgb_uint8
 from tinysam_kit.data.preprocess import to_model_input
+from tinysam_kit.inference.embedding_store import EmbeddingStore
 from tinysam_kit.inference.policy import EngineOptions, ModelChoice, prompt_tokens, report_score
 from tinysam_kit.inference.upsampling import mask_from_low_res, resize_logits
 from tinysam_kit.runtime import ALL_TOKENS, BEST_MULTIMASK, MULTIMASK_TOKENS, SINGLE_MASK_TOKENS, Engine, create_engine
@@ -113,9 +114,11 @@ class TinySamPredictor:
     single-mask token 0 instead.
     """
 
-    def __init__(self, engine: Engine, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, engine: Engine, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 store: EmbeddingStore | None = None) -> None:
         self.engine = engine
         self.cache = EmbeddingCache(cache_bytes)
+        self.store = store
         self.current: ImageEmbedding | None = None
         self.img_size = engine.info.img_size
         self.model_choice = ModelChoice(engine.info.model_name, engine.info.model_name)
@@ -123,19 +126,20 @@ class TinySamPredictor:
     @classmethod
     def from_pretrained(cls, model: str = "tinysam", *, engine: str = "torch", precision: str = "fp32",
                         device: str = "auto", threads: int | None = None,
-                        cache_bytes: int = DEFAULT_CACHE_BYTES, **options) -> TinySamPredictor:
+                        cache_bytes: int = DEFAULT_CACHE_BYTES, store: EmbeddingStore | None = None,
+                        **options) -> TinySamPredictor:
         """`model`: a registered name, a checkpoint path, or "auto" (see `policy.resolve_model`; the choice and
         any fallback note are in `model_choice`)."""
         return cls.from_options(EngineOptions(str(model), engine, precision, device, threads),
-                                cache_bytes=cache_bytes, **options)
+                                cache_bytes=cache_bytes, store=store, **options)
 
     @classmethod
     def from_options(cls, options: EngineOptions, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                     **engine_options) -> TinySamPredictor:
+                     store: EmbeddingStore | None = None, **engine_options) -> TinySamPredictor:
         resolved, choice = options.resolved()
         predictor = cls(create_engine(resolved.model, engine=resolved.engine, precision=resolved.precision,
                                       device=resolved.device, threads=resolved.threads, **engine_options),
-                        cache_bytes=cache_bytes)
+                        cache_bytes=cache_bytes, store=store)
         predictor.model_choice = choice
         return predictor
 
@@ -171,7 +175,7 @@ class TinySamPredictor:
             cache_key = f"user:{key}"
         elif cache:
             cache_key = f"content:{content_key(rgb)}"
-            hit = self.cache.get(cache_key)
+            hit = self.cache.get(cache_key) or self._from_store(cache_key)
             if hit is not None:
                 return hit
         else:
@@ -182,12 +186,44 @@ class TinySamPredictor:
                               self.engine.embedding_nbytes(emb))
         if cache:
             self.cache.put(item)
+            if self.store is not None:
+                array = emb.float().cpu().numpy() if isinstance(emb, torch.Tensor) else np.asarray(emb)
+                self.store.put(self.model_version, cache_key, array, item.original_size, input_size)
         return item
+
+    def _from_store(self, cache_key: str) -> ImageEmbedding | None:
+        """An embedding from the persistent store, as the engine's own type, also put in the memory cache."""
+        if self.store is None:
+            return None
+        stored = self.store.get(self.model_version, cache_key)
+        if stored is None:
+            return None
+        array = stored.embedding.astype(np.float32)
+        if self.engine.info.engine == "torch":
+            emb = torch.from_numpy(array).to(self.engine.device, self.engine.dtype)
+        else:
+            emb = array
+        item = ImageEmbedding(cache_key, emb, stored.original_size, stored.input_size,
+                              self.engine.embedding_nbytes(emb))
+        self.cache.put(item)
+        return item
+
+    def has_embedding(self, key: str | None = None, image=None, image_format: str = "RGB") -> bool:
+        """Whether an embedding of the caller's `key` (or of `image`'s content) is in memory or in the store,
+        without loading or encoding anything."""
+        if key is not None:
+            cache_key = f"user:{key}"
+        else:
+            rgb = to_rgb_uint8(image, image_format) if isinstance(image, np.ndarray) else load_image(image)
+            cache_key = f"content:{content_key(rgb)}"
+        if cache_key in self.cache:
+            return True
+        return self.store is not None and (self.model_version, cache_key) in self.store
 
     def cached(self, key: str) -> ImageEmbedding | None:
         """The embedding stored under the caller's `key` by an earlier `embed(..., key=key)`, if still cached
         (so a caller can skip fetching an image whose embedding it already has)."""
-        return self.cache.get(f"user:{key}")
+        return self.cache.get(f"user:{key}") or self._from_store(f"user:{key}")
 
     def set_image(self, image, image_format: str = "RGB", key: str | None = None) -> ImageEmbedding:
         self.current = self.embed(image, image_format, key)
