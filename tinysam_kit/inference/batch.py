@@ -1,18 +1,28 @@
-"""Batch pre-annotation: everything mode over many images, image decoding overlapped with inference."""
+"""Batch pre-annotation: everything mode over many images, image decoding overlapped with inference.
+
+Results go to a *sink*: anything with `done_keys()` and `write(key, result)` (see `Sink`). The single-process
+runner (`tinysam everything`) and the Ray pipeline (`tinysam_kit.integrations.ray`) share `CocoFolderSink`,
+so both write the same files.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from tinysam_kit.data.images import load_image
 from tinysam_kit.inference.everything import EverythingGenerator
-from tinysam_kit.inference.predictor import TinySamPredictor
+from tinysam_kit.inference.predictor import ImageEmbedding, TinySamPredictor
 
 
 @dataclass
@@ -23,6 +33,7 @@ class PrelabelResult:
     height: int = 0
     width: int = 0
     stats: dict | None = None
+    model_version: str | None = None
 
 
 def prefetch_images(items: Iterable[Any], load: Callable[[Any], Any] = load_image, depth: int = 2,
@@ -54,21 +65,188 @@ def prefetch_images(items: Iterable[Any], load: Callable[[Any], Any] = load_imag
                 yield item, None, exc
 
 
+def embed_many(predictor: TinySamPredictor, images: Sequence[np.ndarray]) -> list[ImageEmbedding]:
+    """Uncached embeddings of RGB uint8 images, encoded in one engine call when the engine has `encode_batch`
+    (each embedding equals the one `predictor.embed(image, cache=False)` gives, within float rounding)."""
+    prepared = [predictor.preprocess(image) for image in images]
+    engine = predictor.engine
+    if len(prepared) > 1 and hasattr(engine, "encode_batch"):
+        embeddings = engine.encode_batch(torch.cat([tensor for tensor, _ in prepared]))
+    else:
+        embeddings = [engine.encode(tensor) for tensor, _ in prepared]
+    return [ImageEmbedding("uncached", emb, (image.shape[0], image.shape[1]), input_size,
+                           engine.embedding_nbytes(emb))
+            for image, (_, input_size), emb in zip(images, prepared, embeddings)]
+
+
+def everything_batch(predictor: TinySamPredictor, generator: EverythingGenerator, items: Sequence[Any],
+                     images: Sequence[np.ndarray]) -> list[PrelabelResult]:
+    """Everything mode for decoded images encoded together; a failing image gets `error`, the others go on
+    (when a batch cannot be encoded, its images are retried one by one)."""
+    try:
+        states = embed_many(predictor, images)
+    except (ValueError, RuntimeError) as exc:
+        if len(images) > 1:
+            return [r for item, image in zip(items, images)
+                    for r in everything_batch(predictor, generator, [item], [image])]
+        h, w = images[0].shape[:2]
+        return [PrelabelResult(items[0], None, f"{type(exc).__name__}: {exc}", h, w)]
+    results = []
+    for item, image, state in zip(items, images, states):
+        h, w = image.shape[:2]
+        try:
+            records = generator.generate(image_embedding=state)
+        except (ValueError, RuntimeError) as exc:
+            results.append(PrelabelResult(item, None, f"{type(exc).__name__}: {exc}", h, w))
+            continue
+        results.append(PrelabelResult(item, records, None, h, w, dict(generator.stats), predictor.model_version))
+    return results
+
+
 def run_everything(predictor: TinySamPredictor, items: Iterable[Any], *, mode: str = "hierarchical",
-                   load: Callable[[Any], np.ndarray] = load_image, prefetch: int = 2,
+                   load: Callable[[Any], np.ndarray] = load_image, prefetch: int = 2, batch_size: int = 1,
                    **params) -> Iterator[PrelabelResult]:
-    """Everything mode for each item; a bad image yields a result with `error` set instead of raising."""
+    """Everything mode for each item; a bad image yields a result with `error` set instead of raising.
+
+    `batch_size` images are encoded per engine call (worth it on GPUs; on CPU batch 1 is as fast). Decoding
+    runs ahead in a bounded pool (`prefetch` images, at least one batch) and overlaps inference.
+    """
     generator = EverythingGenerator(predictor, mode, **params)
-    for item, image, error in prefetch_images(items, load, prefetch):
+    batch_size = max(1, int(batch_size))
+    pending_items: list = []
+    pending_images: list = []
+    for item, image, error in prefetch_images(items, load, max(prefetch, batch_size)):
         if error is not None:
             yield PrelabelResult(item, None, f"{type(error).__name__}: {error}")
             continue
-        try:
-            # Each image is seen once here: don't let it push interactive embeddings out of the cache.
-            state = predictor.embed(image, cache=False)
-            records = generator.generate(image_embedding=state)
-        except (ValueError, RuntimeError) as exc:
-            yield PrelabelResult(item, None, f"{type(exc).__name__}: {exc}", image.shape[0], image.shape[1])
-            continue
-        yield PrelabelResult(item, records, None, image.shape[0], image.shape[1], dict(generator.stats))
+        pending_items.append(item)
+        pending_images.append(image)
+        if len(pending_items) == batch_size:
+            yield from everything_batch(predictor, generator, pending_items, pending_images)
+            pending_items, pending_images = [], []
+    if pending_items:
+        yield from everything_batch(predictor, generator, pending_items, pending_images)
 
+
+# ------------------------------------------------------------------------------------------------- sinks
+@runtime_checkable
+class Sink(Protocol):
+    """Where a dataset-wide run puts each image's results. Keys are the caller's per-image identifiers
+    (a file's output name, a FiftyOne sample id, a Label Studio task id).
+
+    * `done_keys()` — keys whose results are already stored; a run skips them (resume).
+    * `write(key, result)` — store one image's `PrelabelResult` (`records` set, `error` None). It must be atomic
+      (a reader never sees half of it) and idempotent (writing the same key twice leaves one copy): a
+      distributed run may deliver an image again after a node failure.
+    * `close()` — optional; called once when the run ends (e.g. to merge per-image files).
+    """
+
+    def done_keys(self) -> set[str]: ...
+
+    def write(self, key: str, result: PrelabelResult) -> None: ...
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder and rename it into place: all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def overlay(image, masks, alpha: float = 0.5):
+    """Image with each mask tinted in its own colour (largest first, so small ones stay visible)."""
+    out = image.astype(np.float32).copy()
+    rng = np.random.default_rng(0)
+    for mask in sorted(masks, key=lambda m: -int(m.sum())):
+        color = rng.integers(40, 256, size=3).astype(np.float32)
+        out[mask] = out[mask] * (1 - alpha) + color * alpha
+    return out.clip(0, 255).astype(np.uint8)
+
+
+CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
+
+
+def coco_document(file_name: str, height: int, width: int, records: list[dict], image_id: int = 1,
+                  first_annotation_id: int = 1) -> dict:
+    annotations = []
+    for i, rec in enumerate(records):
+        annotations.append({
+            "id": first_annotation_id + i, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+            "segmentation": rec["segmentation"], "area": rec["area"], "bbox": rec["bbox"],
+            "score": rec["predicted_iou"], "predicted_iou": rec["predicted_iou"],
+            "stability_score": rec["stability_score"], "point_coords": rec["point_coords"],
+        })
+    return {
+        "images": [{"id": image_id, "file_name": file_name, "height": height, "width": width}],
+        "annotations": annotations,
+        "categories": list(CATEGORIES),
+    }
+
+
+def merge_coco(paths: list[Path]) -> dict:
+    merged = {"images": [], "annotations": [], "categories": list(CATEGORIES)}
+    next_ann = 1
+    for image_id, path in enumerate(paths, start=1):
+        doc = json.loads(path.read_text())
+        merged["images"].append({**doc["images"][0], "id": image_id})
+        for ann in doc["annotations"]:
+            merged["annotations"].append({**ann, "id": next_ann, "image_id": image_id})
+            next_ann += 1
+    return merged
+
+
+MERGED_NAME = "annotations.json"
+
+
+def coco_key(path: Path, root: Path) -> str:
+    """An image's key in a COCO folder: its path under `root` without suffix, folders joined by `__`."""
+    return str(Path(path).relative_to(root).with_suffix("")).replace(os.sep, "__")
+
+
+class CocoFolderSink:
+    """One COCO JSON per image (`<key>.json`, written last and atomically: its presence means done), an
+    optional overlay preview (`<key>_overlay.png`), and on `close()` the merged `annotations.json` in `order`.
+
+    `root` turns a result's item (the image path) into the COCO `file_name`; `info` (mode, params) goes into
+    every document with the result's model version and stats.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, root: str | os.PathLike, *, info: dict | None = None,
+                 previews: bool = True, order: Sequence[str] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.root = Path(root)
+        self.info = dict(info or {})
+        self.previews = previews
+        self.order = list(order) if order is not None else None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def json_path(self, key: str) -> Path:
+        return self.out_dir / f"{key}.json"
+
+    def done_keys(self) -> set[str]:
+        return {p.stem for p in self.out_dir.glob("*.json") if p.name != MERGED_NAME}
+
+    def write(self, key: str, result: PrelabelResult) -> None:
+        from PIL import Image
+
+        from tinysam_kit.inference.encodings.coco import coco_rle_to_mask
+
+        source = Path(result.item)
+        doc = coco_document(str(source.relative_to(self.root)), result.height, result.width, result.records)
+        doc["info"] = {"model_version": result.model_version, **self.info, "stats": result.stats}
+        target = self.json_path(key)
+        if self.previews:
+            masks = [coco_rle_to_mask(r["segmentation"]) for r in result.records]
+            buffer = io.BytesIO()
+            Image.fromarray(overlay(load_image(source), masks)).save(buffer, format="PNG")
+            write_atomic(target.with_name(target.stem + "_overlay.png"), buffer.getvalue())
+        # The JSON is written last: its presence marks the image as done for resumed runs.
+        write_atomic(target, json.dumps(doc).encode())
+
+    def close(self) -> dict:
+        """Merge the per-image documents (in `order`, else by key) into `annotations.json`; returns it."""
+        done = self.done_keys()
+        keys = [k for k in self.order if k in done] if self.order is not None else sorted(done)
+        merged = merge_coco([self.json_path(k) for k in keys])
+        write_atomic(self.out_dir / MERGED_NAME, json.dumps(merged).encode())
+        return merged

@@ -1,0 +1,55 @@
+"""Dataset-wide everything mode on a Ray cluster (optional extra: `pip install 'tinysam-kit[ray]'`).
+
+    from tinysam_kit.inference.batch import CocoFolderSink
+    from tinysam_kit.inference.policy import EngineOptions
+    from tinysam_kit.integrations.ray import run_everything_on_ray
+
+    sink = CocoFolderSink("out", root="images", order=list(items))
+    summary = run_everything_on_ray(items, sink, address="auto", options=EngineOptions(model="tinysam"))
+    sink.close()  # the merged annotations.json
+
+`items` maps each image's key to where every node can read it (a path on a shared filesystem). The pipeline
+is Ray Data: light CPU tasks read and decode the images, an autoscaling pool of actors with one model each
+(`num_gpus=1` per actor where the cluster has GPUs, otherwise `--threads` CPUs each) runs everything mode,
+and the driver hands each finished image to the sink. `iter_everything_on_ray` yields `(key, result)` pairs
+instead, for callers that store results themselves.
+
+The sink protocol (`tinysam_kit.inference.batch.Sink`), which FiftyOne, Label Studio or any other store
+implements:
+
+* `done_keys() -> set[str]` — keys already stored. They are skipped: re-running a run resumes it.
+* `write(key, result)` — store one image's `PrelabelResult` (`records`, `height`, `width`, `stats`,
+  `model_version`; `item` is the image's source). Atomic (never half-written) and idempotent (the same key
+  twice leaves one copy). Called in the driver process only, once per key per run.
+* `close()` — optional; the caller calls it when it wants the run finalised (`CocoFolderSink` merges
+  `annotations.json`).
+
+Exactly once: results are keyed per image and written by the driver as they arrive. When a node dies, Ray
+restarts its actors elsewhere and re-runs the lost work; an image delivered a second time is ignored. If the
+run fails outright, every image written so far stays written, and a re-run does only the rest.
+Unreadable images are reported in the summary with their reason; the run goes on.
+"""
+
+from tinysam_kit.inference.batch import CocoFolderSink, PrelabelResult, Sink
+from tinysam_kit.integrations.ray.pipeline import (
+    Failure,
+    RayRunError,
+    RaySummary,
+    RayUnavailableError,
+    iter_everything_on_ray,
+    require_ray,
+    run_everything_on_ray,
+)
+
+__all__ = [
+    "CocoFolderSink",
+    "Failure",
+    "PrelabelResult",
+    "RayRunError",
+    "RaySummary",
+    "RayUnavailableError",
+    "Sink",
+    "iter_everything_on_ray",
+    "require_ray",
+    "run_everything_on_ray",
+]
