@@ -78,3 +78,52 @@ def test_polygons_round_trip():
     assert (back != mask).sum() <= 0.1 * mask.sum()
     assert not back[16, 20] and back[6, 9] and back[35, 3]
     assert len(mask_to_polygons(mask, include_holes=False)) == 2
+
+
+def _filled(mask):
+    from tinysam_kit.inference.encodings.polygons import mask_to_parts, polygons_to_mask
+
+    return polygons_to_mask(mask_to_parts(mask, tolerance=0, min_area=0), *mask.shape) | mask
+
+
+def _polygon_iou(mask) -> float:
+    from tinysam_kit.inference.encodings.polygons import mask_to_parts, polygons_to_mask
+
+    drawn = polygons_to_mask(mask_to_parts(mask, min_area=0), *mask.shape)  # the default tolerance
+    solid = _filled(mask)
+    return (solid & drawn).sum() / max((solid | drawn).sum(), 1)
+
+
+def test_polygons_at_the_default_tolerance_cover_demo_model_masks():
+    from tinysam_kit import TinySamPredictor, generate_everything
+    from tinysam_kit.data.synthetic import SyntheticWorld
+
+    predictor = TinySamPredictor.from_pretrained("demo", device="cpu")
+    masks = [r["segmentation"] for i in range(2)
+             for r in generate_everything(predictor, SyntheticWorld(seed=5)[i].image, points_per_side=16)]
+    assert len(masks) >= 5
+    assert min(_polygon_iou(m) for m in masks if m.sum() >= 256) >= 0.95
+
+
+def test_polygons_at_the_default_tolerance_cover_ragged_masks():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for sigma in (2, 6, 20):
+        noise = cv2.GaussianBlur(rng.standard_normal((300, 400)).astype(np.float32), (0, 0), sigma)
+        mask = noise > 0.3 * noise.std()
+        assert _polygon_iou(mask) >= 0.95
+
+
+def test_mask_to_parts_one_polygon_per_part_largest_first_without_specks():
+    from tinysam_kit.inference.encodings.polygons import mask_to_parts
+
+    mask = np.zeros((60, 80), bool)
+    mask[5:15, 5:15] = True  # 100 px
+    mask[20:50, 30:70] = True  # 1200 px, with a hole that polygons cannot hold
+    mask[30:35, 40:45] = False
+    mask[55, 2] = True  # a speck
+    parts = mask_to_parts(mask)
+    assert len(parts) == 2
+    xs = parts[0][0::2]
+    assert min(xs) >= 29 and max(xs) <= 70  # the big part comes first

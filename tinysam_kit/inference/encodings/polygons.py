@@ -5,8 +5,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+# Douglas-Peucker tolerance in pixels: rasterised back, the polygons of a mask cover it at IoU >= 0.95, also for
+# ragged masks (tests/test_encodings_coco.py; `python benchmarks/bench_polygons.py` prints IoU and sizes).
+DEFAULT_TOLERANCE = 0.5
+# Parts smaller than this many pixels are specks, not objects: they get no polygon.
+MIN_PART_AREA = 16.0
 
-def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, min_area: float = 1.0,
+
+def mask_to_polygons(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, min_area: float = 1.0,
                      include_holes: bool = False) -> list[list[float]]:
     """Contours of a bool mask as flat [x0, y0, x1, y1, ...] pixel-coordinate lists (COCO polygon style).
 
@@ -43,3 +49,14 @@ def mask_to_relative_polygons(mask: np.ndarray, **kwargs) -> list[list[tuple[flo
     """Polygons as (x, y) pairs in [0, 1] relative to the image size (FiftyOne `Polyline` convention)."""
     h, w = mask.shape
     return [[(x / w, y / h) for x, y in zip(p[0::2], p[1::2])] for p in mask_to_polygons(mask, **kwargs)]
+
+
+def mask_to_parts(mask: np.ndarray, tolerance: float = DEFAULT_TOLERANCE,
+                  min_area: float = MIN_PART_AREA) -> list[list[float]]:
+    """One closed polygon per connected part of the mask (flat pixel lists), largest part first.
+
+    Holes are filled: COCO polygons, Label Studio polygon regions and filled FiftyOne polylines cannot express
+    them (use RLE masks or brush regions where holes matter).
+    """
+    parts = mask_to_polygons(mask, tolerance=tolerance, min_area=min_area, include_holes=False)
+    return sorted(parts, key=lambda p: -cv2.contourArea(np.asarray(p, np.float32).reshape(-1, 1, 2)))
