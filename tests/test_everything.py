@@ -90,14 +90,15 @@ def test_bad_parameters_are_rejected(predictor, image):
         generate_everything(predictor, image, points_per_side=1)
 
 
-def test_max_area_fraction_drops_only_masks_larger_than_the_fraction(predictor, image):
-    everything = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
-                                     stability_score_thresh=0.5)
+def test_max_area_fraction_drops_only_masks_larger_than_the_fraction(image):
+    demo = TinySamPredictor.from_pretrained("demo", device="cpu")
+    options = dict(mode="dense", points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    everything = generate_everything(demo, image, **options)
     h, w = image.shape[:2]
-    largest = max(r["area"] for r in everything) / (h * w)
-    limit = largest * 0.99
-    kept = generate_everything(predictor, image, mode="dense", points_per_side=8, pred_iou_thresh=0.0,
-                               stability_score_thresh=0.5, max_area_fraction=limit)
+    areas = sorted(r["area"] for r in everything)
+    assert len(areas) >= 2 and areas[-1] > areas[0]
+    limit = (areas[-1] - 1) / (h * w)
+    kept = generate_everything(demo, image, **options, max_area_fraction=limit)
     assert kept and all(r["area"] <= limit * h * w for r in kept)
     assert [r["area"] for r in kept] == [r["area"] for r in everything if r["area"] <= limit * h * w]
 
