@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from tinysam_kit.inference.embedding_store import DEFAULT_MAX_BYTES, EmbeddingStore
 from tinysam_kit.models.registry import MODELS, ModelNotAvailableError, cache_dir, resolve_weights
+from tinysam_kit.runtime import ENGINES, PRECISIONS
 from tinysam_kit.runtime.base import BEST_MULTIMASK, SINGLE_MASK_TOKENS
 
 AUTO = "auto"
@@ -27,8 +28,6 @@ DEMO = "demo"
 MODEL_ENV = "TINYSAM_MODEL"
 OFFLINE_ENV = "TINYSAM_OFFLINE"
 CONFIG_NAME = "config.json"
-ENGINES = ("torch", "onnx")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEMO_NOTE = ("using the bundled demo model instead (trained on synthetic shapes only; fine for trying the tools, "
              "not for real annotation work)")
 

@@ -1,0 +1,1 @@
+"""The networks (TinyViT, SAM ViT, prompt encoder, mask decoder), checkpoints, and the model registry."""

@@ -1,0 +1,1 @@
+"""Training TinySAM-family models: distillation from SAM teachers and the bundled demo model."""
