@@ -112,7 +112,7 @@ class LoopbackCluster:
         self.nodes.append(subprocess.Popen(self.netns_prefix(cpu_set) + args, stdout=log, stderr=subprocess.STDOUT,
                                            env=self.env, start_new_session=True))
 
-    def stop_node(self, proc: subprocess.Popen, timeout: float = 30) -> None:
+    def stop_node(self, proc: subprocess.Popen, timeout: float = 10) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             try:

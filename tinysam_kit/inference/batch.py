@@ -113,19 +113,22 @@ def run_everything(predictor: TinySamPredictor, items: Iterable[Any], *, mode: s
     """
     generator = EverythingGenerator(predictor, mode, **params)
     batch_size = max(1, int(batch_size))
-    pending_items: list = []
-    pending_images: list = []
-    for item, image, error in prefetch_images(items, load, max(prefetch, batch_size)):
-        if error is not None:
-            yield PrelabelResult(item, None, f"{type(error).__name__}: {error}")
-            continue
-        pending_items.append(item)
-        pending_images.append(image)
-        if len(pending_items) == batch_size:
-            yield from everything_batch(predictor, generator, pending_items, pending_images)
-            pending_items, pending_images = [], []
-    if pending_items:
-        yield from everything_batch(predictor, generator, pending_items, pending_images)
+    pending: list[tuple[Any, np.ndarray | None, Exception | None]] = []  # results keep the input order
+
+    def flush() -> list[PrelabelResult]:
+        good = [(item, image) for item, image, error in pending if error is None]
+        done = iter(everything_batch(predictor, generator, [i for i, _ in good], [im for _, im in good])
+                    if good else [])
+        return [next(done) if error is None else PrelabelResult(item, None, f"{type(error).__name__}: {error}")
+                for item, _, error in pending]
+
+    for entry in prefetch_images(items, load, max(prefetch, batch_size)):
+        pending.append(entry)
+        if sum(error is None for _, _, error in pending) == batch_size or (len(pending) == 1 and entry[2]):
+            yield from flush()
+            pending = []
+    if pending:
+        yield from flush()
 
 
 # ------------------------------------------------------------------------------------------------- sinks

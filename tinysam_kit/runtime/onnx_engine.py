@@ -124,6 +124,15 @@ class OnnxEngine:
     def encode(self, image: torch.Tensor) -> np.ndarray:
         return self.encoder.run(None, {"image": image.detach().float().cpu().numpy()})[0]
 
+    def encode_batch(self, images: torch.Tensor) -> list[np.ndarray]:
+        """(B, 3, S, S) → B embeddings, one encoder run when the exported graph has a free batch dimension,
+        otherwise one run per image (exports with a fixed batch of 1)."""
+        batch_dim = self.encoder.get_inputs()[0].shape[0]
+        if isinstance(batch_dim, int):
+            return [self.encode(images[i : i + 1]) for i in range(images.shape[0])]
+        batched = self.encode(images)
+        return [np.ascontiguousarray(batched[i : i + 1]) for i in range(batched.shape[0])]
+
     def image_side(self, embedding: np.ndarray, mask_input: torch.Tensor | None = None) -> list[np.ndarray]:
         if mask_input is not None:
             feeds = {"image_embedding": embedding, "mask_input": mask_input.float().numpy(),

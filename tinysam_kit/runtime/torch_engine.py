@@ -177,6 +177,15 @@ class TorchEngine:
         with self._lock, torch.inference_mode():
             return self.encoder(x).contiguous()
 
+    def encode_batch(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, S, S) → B embeddings, each what `encode` gives for its image (within float rounding), from
+        one encoder call. The compiled int8 program takes one image at a time."""
+        if self.info.precision == "int8":
+            return [self.encode(images[i : i + 1]) for i in range(images.shape[0])]
+        batched = self.encode(images)
+        # Copies, so each embedding owns its memory and is freed on its own.
+        return [batched[i : i + 1].clone() for i in range(batched.shape[0])]
+
     def _put(self, t):
         return None if t is None else t.to(self.device, self.dtype)
 

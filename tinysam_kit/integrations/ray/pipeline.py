@@ -173,9 +173,11 @@ def iter_everything_on_ray(items: Mapping[str, str] | Iterable[tuple[str, str]],
     ds = ray.data.from_items([{"key": k, "source": s} for k, s in items],
                              override_num_blocks=min(len(items), MAX_BLOCKS))
     # Decoding needs no reserved CPU: it is short, and a CPU reserved for it would idle between images.
-    decoded = ds.map_batches(decode_rows, batch_size=1, num_cpus=0, concurrency=2 * pool_max)
+    decoded = ds.map_batches(decode_rows, batch_size=1, num_cpus=0,
+                             compute=ray.data.TaskPoolStrategy(size=2 * pool_max))
     results = decoded.map_batches(
-        EverythingActor, batch_size=max(1, int(batch_size)), concurrency=(pool_min, pool_max),
+        EverythingActor, batch_size=max(1, int(batch_size)),
+        compute=ray.data.ActorPoolStrategy(min_size=pool_min, max_size=pool_max),
         fn_constructor_kwargs={"options": asdict(actor_options), "mode": mode,
                                "params": {**(params or {}), "output_mode": output_mode}},
         **resources)
@@ -204,10 +206,13 @@ def run_everything_on_ray(items: Mapping[str, str] | Iterable[tuple[str, str]], 
     for the sink protocol; `pipeline` takes `iter_everything_on_ray`'s options."""
     from tqdm import tqdm
 
+    require_ray()
     items = list(items.items() if isinstance(items, Mapping) else items)
     done = set() if overwrite else sink.done_keys()
     todo = [(k, s) for k, s in items if k not in done]
     summary = RaySummary(len(items), skipped=len(items) - len(todo))
+    if todo:
+        connect(address)
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="everything (ray)", disable=not progress or not todo,
                file=sys.stderr)
