@@ -113,7 +113,12 @@ def start_backend(args, label_studio_url: str, model: str) -> tuple[subprocess.P
         if proc.poll() is not None:
             raise SystemExit(f"backend exited with code {proc.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            health = httpx.get(url + "/health", timeout=2)
+            if health.status_code == 200:
+                if health.json().get("model_note"):  # `auto` fell back to another model: not what was asked
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait()
+                    raise SystemExit(f"backend is not serving {model}: {health.json()['model_note']}")
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.5)

@@ -113,8 +113,8 @@ def backend_server(label_studio, tiny_random_checkpoint):
     backend.close()
 
 
-def _project(ls: httpx.Client, title: str, n_images: int) -> tuple[int, list[dict]]:
-    pid = ls.post("/api/projects", json={"title": title, "label_config": CONFIG}).raise_for_status().json()["id"]
+def _project(ls: httpx.Client, title: str, n_images: int, config: str = CONFIG) -> tuple[int, list[dict]]:
+    pid = ls.post("/api/projects", json={"title": title, "label_config": config}).raise_for_status().json()["id"]
     files = [(f"file{i}", (f"img{i}.png", encode_image(synthetic_image(*SIZES[i], seed=i)), "image/png"))
              for i in range(n_images)]
     ls.post(f"/api/projects/{pid}/import", files=files).raise_for_status()
@@ -137,7 +137,6 @@ def _rect(x, y, bw, bh, w, h):
 
 def test_smart_clicks_and_retrieved_predictions_round_trip(label_studio, backend_server):
     from tinysam_kit.data.images import load_image
-    from tinysam_kit.integrations.labelstudio.backend import segment
 
     ls = label_studio
     server, backend = backend_server
@@ -166,7 +165,7 @@ def test_smart_clicks_and_retrieved_predictions_round_trip(label_studio, backend
         assert data["model_version"] == backend.model_version
         (region,) = data["result"]
         assert region["value"]["brushlabels"] == [label], name
-        mask, score = segment(backend.predictor, state, points, labels, box)
+        mask, score, _ = backend.predictor.segment(points or None, labels or None, box, image_embedding=state)
         assert np.array_equal(rle_to_mask(region["value"]["rle"], h, w), mask), name
         assert region["score"] == pytest.approx(score)
         regions.append(region)
@@ -180,12 +179,7 @@ def test_smart_clicks_and_retrieved_predictions_round_trip(label_studio, backend
         assert np.array_equal(rle_to_mask(region["value"]["rle"], region["original_height"],
                                           region["original_width"]), mask)
 
-    # Data Manager → "Retrieve predictions" on all tasks
-    def retrieve():
-        return ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
-                       json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status().json()
-
-    retrieve()
+    _retrieve(ls, pid)
     from tinysam_kit.integrations.labelstudio.label_config import parse_label_config
 
     config = parse_label_config(CONFIG)
@@ -200,8 +194,98 @@ def test_smart_clicks_and_retrieved_predictions_round_trip(label_studio, backend
             assert np.array_equal(rle_to_mask(got["value"]["rle"], hh, ww), rle_to_mask(want["value"]["rle"], hh, ww))
             assert got["value"]["brushlabels"] == ["Object"]
     # a second retrieve skips tasks already predicted by this model_version
-    retrieve()
+    _retrieve(ls, pid)
     assert len(ls.get("/api/predictions", params={"project": pid}).json()) == len(tasks)
+
+
+def _retrieve(ls: httpx.Client, pid: int) -> None:
+    """Data Manager → select all → "Retrieve predictions"."""
+    ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+            json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status()
+
+
+def _another_backend(base, **changes):
+    import dataclasses
+
+    from tinysam_kit.integrations.labelstudio import create_app
+    from tinysam_kit.integrations.labelstudio.backend import TinySamBackend
+
+    backend = TinySamBackend(dataclasses.replace(base.settings, **changes), predictor=base.predictor)
+    return backend, UvicornThread(create_app(backend.settings, backend))
+
+
+def test_stored_predictions_are_scored_in_0_1_and_settings_decide_what_is_done(label_studio, backend_server):
+    """What Label Studio stores: scores within [0, 1] (its UI shows them as percentages), no near-whole-image
+    region, an empty answer stores nothing (the task is tried again), and a run with other everything-mode
+    settings has another model_version, so "Retrieve predictions" predicts again instead of skipping."""
+    from tinysam_kit.inference.policy import MAX_AREA_FRACTION
+
+    ls = label_studio
+    server, backend = backend_server
+    pid, tasks = _project(ls, "tinysam-settings", 2)
+    ml = ls.post("/api/ml", json={"url": server.url, "project": pid, "title": "TinySAM",
+                                  "is_interactive": True}).raise_for_status().json()
+
+    def stored():
+        return ls.get("/api/predictions", params={"project": pid}).raise_for_status().json()
+
+    _retrieve(ls, pid)
+    first = stored()
+    assert len(first) == len(tasks) and {p["model_version"] for p in first} == {backend.model_version}
+    for prediction in first:
+        assert 0.0 <= prediction["score"] <= 1.0
+        for region in prediction["result"]:
+            assert 0.0 <= region["score"] <= 1.0
+            mask = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
+            assert mask.mean() <= MAX_AREA_FRACTION
+
+    # settings under which nothing is found: Label Studio stores nothing, and asks again next time
+    empty, empty_server = _another_backend(backend, pred_iou_thresh=5.0)
+    other, other_server = _another_backend(backend, max_regions=backend.settings.max_regions - 1)
+    assert len({backend.model_version, empty.model_version, other.model_version}) == 3
+    with empty_server, other_server:
+        ls.patch(f"/api/ml/{ml['id']}", json={"url": empty_server.url, "project": pid}).raise_for_status()
+        for attempt in (1, 2):
+            _retrieve(ls, pid)
+            assert empty.counters["batch_tasks"] == attempt * len(tasks), "an empty answer must not count as done"
+            assert stored() == first
+        # other settings: a new model_version, so every task is predicted again, then skipped
+        ls.patch(f"/api/ml/{ml['id']}", json={"url": other_server.url, "project": pid}).raise_for_status()
+        _retrieve(ls, pid)
+        _retrieve(ls, pid)
+    empty.close()
+    other.close()
+    assert other.counters["batch_tasks"] == len(tasks)
+    versions = sorted(p["model_version"] for p in stored())
+    assert versions == sorted([backend.model_version, other.model_version] * len(tasks))
+
+
+def test_polygon_projects_get_polygons(label_studio, backend_server):
+    """A `<PolygonLabels>` project: smart clicks and "Retrieve predictions" store polygon regions."""
+    from tinysam_kit.inference.encodings.polygons import polygons_to_mask
+
+    ls = label_studio
+    server, backend = backend_server
+    config = CONFIG.replace("<BrushLabels", "<PolygonLabels").replace("</BrushLabels>", "</PolygonLabels>")
+    pid, tasks = _project(ls, "tinysam-polygons", 1, config)
+    ml = ls.post("/api/ml", json={"url": server.url, "project": pid, "title": "TinySAM",
+                                  "is_interactive": True}).raise_for_status().json()
+    w, h = SIZES[0]
+    resp = ls.post(f"/api/ml/{ml['id']}/interactive-annotating",
+                   json={"task": tasks[0]["id"], "context": {"result": [_rect(20, 20, 40, 35, w, h)]}})
+    regions = resp.raise_for_status().json()["data"]["result"]
+    assert regions and all(r["type"] == "polygonlabels" and r["value"]["polygonlabels"] == ["Background"]
+                           for r in regions)
+    created = ls.post(f"/api/tasks/{tasks[0]['id']}/annotations", json={"result": regions}).raise_for_status().json()
+    stored = ls.get(f"/api/annotations/{created['id']}").raise_for_status().json()["result"]
+    assert [r["value"]["points"] for r in stored] == [r["value"]["points"] for r in regions]
+    _retrieve(ls, pid)
+    (prediction,) = ls.get("/api/predictions", params={"task": tasks[0]["id"]}).raise_for_status().json()
+    assert prediction["result"]
+    for region in prediction["result"]:
+        assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"] == ["Object"]
+        pixels = [c for x, y in region["value"]["points"] for c in (x / 100 * w, y / 100 * h)]
+        assert polygons_to_mask([pixels], h, w).any()
 
 
 def _run_cli(argv: list[str]) -> int:
@@ -220,10 +304,15 @@ def test_ls_prelabel_pushes_predictions_and_resumes(label_studio, backend_server
     # a personal access token (JWT refresh token) exercises the /api/token/refresh/ exchange for real
     pat = ls.post("/api/token/").raise_for_status().json()["token"]
     assert pat.count(".") == 2
-    for key, value in {"TINYSAM_PRED_IOU_THRESH": backend.settings.pred_iou_thresh,
-                       "TINYSAM_STABILITY_THRESH": backend.settings.stability_score_thresh,
-                       "TINYSAM_POINTS_PER_SIDE": 8, "TINYSAM_MAX_REGIONS": 4}.items():
-        monkeypatch.setenv(key, str(value))
+    # the same settings as the server: the same model_version, so both count each other's work as done
+    s = backend.settings
+    for key, value in {"TINYSAM_PRED_IOU_THRESH": s.pred_iou_thresh, "TINYSAM_STABILITY_THRESH":
+                       s.stability_score_thresh, "TINYSAM_POINTS_PER_SIDE": s.points_per_side,
+                       "TINYSAM_MAX_REGIONS": s.max_regions, "TINYSAM_MIN_REGION_AREA": s.min_region_area}.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, str(value))
     base = ["ls-prelabel", "--project", str(pid), "--url", str(ls.base_url).rstrip("/"), "--api-key", pat,
             "--model", backend.settings.model, "--no-progress", "--page-size", "2"]
 
@@ -242,9 +331,21 @@ def test_ls_prelabel_pushes_predictions_and_resumes(label_studio, backend_server
     assert done == [t["id"] for t in tasks]
     preds = ls.get("/api/predictions", params={"project": pid}).json()
     for p in preds:
-        assert 1 <= len(p["result"]) <= 4
+        assert 1 <= len(p["result"]) <= s.max_regions
         r = p["result"][0]
         assert rle_to_mask(r["value"]["rle"], r["original_height"], r["original_width"]).any()
+
+
+def test_ls_prelabel_pushes_no_empty_prediction_and_retries_such_tasks(label_studio, backend_server, capsys):
+    ls = label_studio
+    _, backend = backend_server
+    pid, tasks = _project(ls, "tinysam-prelabel-empty", 2)
+    argv = ["ls-prelabel", "--project", str(pid), "--url", str(ls.base_url).rstrip("/"), "--api-key", TOKEN,
+            "--model", backend.settings.model, "--no-progress", "--points-per-side", "8", "--pred-iou-thresh", "5"]
+    for _ in range(2):  # nothing found: nothing pushed, and the next run tries the same tasks again
+        assert _run_cli(argv) == 0
+        assert f"0 predicted, {len(tasks)} with no region (not pushed), 0 already done" in capsys.readouterr().out
+    assert ls.get("/api/predictions", params={"project": pid}).raise_for_status().json() == []
 
 
 def test_ls_prelabel_reports_a_bad_project(label_studio, backend_server):

@@ -50,6 +50,17 @@ def test_unusable_configs(text, message):
         parse_label_config(text)
 
 
+def test_polygon_controls_are_outputs_and_win_beside_brushes():
+    polygons = ('<View><Image name="image" value="$image"/><PolygonLabels name="poly" toName="image">'
+                '<Label value="Car"/></PolygonLabels></View>')
+    cfg = parse_label_config(polygons)
+    assert cfg.brushes == () and cfg.output_for("image").name == "poly" and cfg.output_for().labels == ("Car",)
+    both = parse_label_config(polygons.replace("</View>", '<BrushLabels name="b" toName="image"/></View>'))
+    assert both.output_for("image").tag == "polygonlabels" and both.brush_for("image").name == "b"
+    with pytest.raises(LabelConfigError, match="PolygonLabels"):
+        cfg.output_for("elsewhere")
+
+
 def kp(x, y, positive=True, to="image", label="Object"):
     return {"type": "keypointlabels", "to_name": to, "from_name": "kp", "is_positive": positive,
             "original_width": 640, "original_height": 480, "value": {"x": x, "y": y, "keypointlabels": [label]}}

@@ -85,8 +85,6 @@ def client(settings, backend):
 
 # ---------------------------------------------------------------- interactive
 def test_click_mask_equals_predictor_and_second_click_is_cached(client, backend, ls_server):
-    from tinysam_kit.integrations.labelstudio.backend import segment
-
     backend.predictor.cache.clear()
     fetches = backend.fetcher.fetches
     first = client.post("/predict", json=predict_body([keypoint(30, 40)])).json()["results"][0]
@@ -96,25 +94,22 @@ def test_click_mask_equals_predictor_and_second_click_is_cached(client, backend,
     region = both["results"][0]["result"][0]
     assert region["value"]["brushlabels"] == ["Object"]
     state = backend.predictor.embed(IMAGE)
-    expected, score = segment(backend.predictor, state, [(48, 48), (112, 84)], [1, 0], None)
+    expected, score, _ = backend.predictor.segment([(48, 48), (112, 84)], [1, 0], image_embedding=state)
     assert np.array_equal(rle_to_mask(region["value"]["rle"], 120, 160), expected)
     assert region["score"] == pytest.approx(score) == both["results"][0]["score"]
+    assert 0.0 <= region["score"] <= 1.0
     assert first["result"][0]["id"] != region["id"]
 
 
 def test_rectangle_becomes_a_box_prompt_with_its_label(client, backend):
-    from tinysam_kit.integrations.labelstudio.backend import segment
-
+    """The same box gives the same mask as `TinySamPredictor.segment` (what the CLI and FiftyOne answer)."""
     region = client.post("/predict", json=predict_body([rectangle(10, 20, 50, 40)])).json()["results"][0]["result"][0]
     assert region["value"]["brushlabels"] == ["Background"]
     state = backend.predictor.embed(IMAGE)
-    expected, _ = segment(backend.predictor, state, [], [], (16, 24, 96, 72))
+    expected, _, _ = backend.predictor.segment(box=(16, 24, 96, 72), image_embedding=state)
     assert np.array_equal(rle_to_mask(region["value"]["rle"], 120, 160), expected)
 
 
-def test_prompt_label_missing_from_brush_falls_back_to_first_label(client):
-    region = client.post("/predict", json=predict_body([keypoint(50, 50, label="Car")])).json()
-    assert region["results"][0]["result"][0]["value"]["brushlabels"] == ["Object"]
 
 
 def test_smart_brush_context_is_ignored_gracefully(client):

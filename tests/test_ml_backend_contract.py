@@ -119,7 +119,6 @@ def test_interactive_answer_has_the_keys_label_studio_returned_to_the_editor(cli
 def test_captured_interactive_prompts_give_the_predictors_mask(client, ls_server):
     """The RLE we answer is exactly TinySAM's mask for the prompt, converted from percentages."""
     from tinysam_kit.data.images import load_image
-    from tinysam_kit.integrations.labelstudio.backend import segment
 
     backend = client.app.state.backend
     name = "07_ls_to_backend_POST_predict_interactive_keypoints_pos_neg_api.json"
@@ -130,7 +129,7 @@ def test_captured_interactive_prompts_give_the_predictors_mask(client, ls_server
     points = [(r["value"]["x"] / 100 * w, r["value"]["y"] / 100 * h) for r in req["params"]["context"]["result"]]
     labels = [1 if r["is_positive"] else 0 for r in req["params"]["context"]["result"]]
     state = backend.predictor.embed(image)
-    expected, score = segment(backend.predictor, state, points, labels, None)
+    expected, score, _ = backend.predictor.segment(points, labels, image_embedding=state)
     got = rle_to_mask(region["value"]["rle"], h, w)
     assert np.array_equal(got, expected)
     assert region["score"] == pytest.approx(score)

@@ -4,21 +4,47 @@ from __future__ import annotations
 
 import argparse
 
+from tinysam_kit.cli.common import add_offline_argument, apply_offline
+from tinysam_kit.inference.policy import ENGINES, MAX_AREA_FRACTION, PRECISIONS
+from tinysam_kit.integrations.labelstudio.settings import BackendSettings
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
+    # No defaults here: unset flags leave the TINYSAM_* variables (and then policy.EngineOptions) in charge.
     group = parser.add_argument_group("model (defaults from TINYSAM_* environment variables)")
-    group.add_argument("--model", help="registered model name or checkpoint path (TINYSAM_MODEL, default tinysam)")
-    group.add_argument("--engine", choices=["torch", "onnx"], help="TINYSAM_ENGINE (default torch)")
-    group.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], help="TINYSAM_PRECISION")
+    group.add_argument("--model", help="registered model name or checkpoint path; 'auto' (default) = official "
+                                       "TinySAM (TINYSAM_MODEL names another), or the bundled demo model when its "
+                                       "weights cannot be had, with a note saying why")
+    group.add_argument("--engine", choices=ENGINES, help="TINYSAM_ENGINE (default torch)")
+    group.add_argument("--precision", choices=PRECISIONS, help="TINYSAM_PRECISION (default fp32)")
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N (TINYSAM_DEVICE)")
     group.add_argument("--threads", type=int, help="CPU threads for the model (TINYSAM_THREADS)")
+    add_offline_argument(group)
+
+
+def _batch_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("batch pre-labelling (unset: the model's own everything-mode values)")
+    group.add_argument("--max-regions", type=int,
+                       help=f"regions per task (TINYSAM_MAX_REGIONS, default {BackendSettings.max_regions})")
+    group.add_argument("--min-area", type=int, help="smallest region in pixels (TINYSAM_MIN_REGION_AREA, default "
+                                                    f"{BackendSettings.min_region_area})")
+    group.add_argument("--label", help="label of the regions (TINYSAM_BATCH_LABEL; default the first label of the "
+                                       "brush or polygon control)")
+    group.add_argument("--points-per-side", type=int, help="prompt grid (TINYSAM_POINTS_PER_SIDE)")
+    group.add_argument("--pred-iou-thresh", type=float, help="TINYSAM_PRED_IOU_THRESH")
+    group.add_argument("--stability-thresh", type=float, help="TINYSAM_STABILITY_THRESH")
+    group.add_argument("--max-area-fraction", type=float,
+                       help="drop masks covering more of the image than this (TINYSAM_MAX_AREA_FRACTION, default "
+                            f"{MAX_AREA_FRACTION:g}; 1 keeps all)")
 
 
 def _settings(args, **extra):
-    from tinysam_kit.integrations.labelstudio.settings import BackendSettings
-
-    return BackendSettings.from_env(model=args.model, engine=args.engine, precision=args.precision,
-                                    device=args.device, threads=args.threads, **extra)
+    apply_offline(args)
+    return BackendSettings.from_env(
+        model=args.model, engine=args.engine, precision=args.precision, device=args.device, threads=args.threads,
+        max_regions=args.max_regions, min_region_area=args.min_area, batch_label=args.label,
+        points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh, max_area_fraction=args.max_area_fraction, **extra)
 
 
 def register(subparsers) -> None:
@@ -31,23 +57,22 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=9090)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _model_args(serve)
+    _batch_args(serve)
     serve.set_defaults(func=serve_ls)
 
     pre = subparsers.add_parser(
         "ls-prelabel", help="pre-label every task of a Label Studio project (resumable)",
-        description="Run everything-mode on each task of a project and push the brush regions as predictions. "
-                    "Tasks that already have a prediction of the same model_version are skipped, so an "
-                    "interrupted run resumes when started again.")
+        description="Run everything-mode on each task of a project and push the regions (brush masks or polygons) "
+                    "as predictions. Tasks that already have a non-empty prediction of the same model_version "
+                    "(model and settings) are skipped, so an interrupted run resumes when started again.")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
     pre.add_argument("--url", help="Label Studio URL (default LABEL_STUDIO_URL)")
     pre.add_argument("--api-key", help="personal access token or legacy token (default LABEL_STUDIO_API_KEY)")
     pre.add_argument("--page-size", type=int, default=50)
     pre.add_argument("--limit", type=int, help="stop after this many tasks")
-    pre.add_argument("--max-regions", type=int, help="regions per task (TINYSAM_MAX_REGIONS, default 20)")
-    pre.add_argument("--min-area", type=int, help="smallest region in pixels (TINYSAM_MIN_REGION_AREA)")
-    pre.add_argument("--label", help="brush label for the regions (TINYSAM_BATCH_LABEL; default the first)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(pre)
+    _batch_args(pre)
     pre.set_defaults(func=ls_prelabel)
 
 
@@ -80,13 +105,15 @@ def ls_prelabel(args) -> int:
     from tinysam_kit.integrations.labelstudio.settings import SettingsError
 
     try:
-        settings = _settings(args, label_studio_url=args.url, label_studio_api_key=args.api_key,
-                             max_regions=args.max_regions, min_region_area=args.min_area, batch_label=args.label)
+        settings = _settings(args, label_studio_url=args.url, label_studio_api_key=args.api_key)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         backend = TinySamBackend(settings)
     except (SettingsError, LabelStudioAPIError, ValueError, RuntimeError, OSError) as exc:
         print(f"tinysam ls-prelabel: {exc}", file=sys.stderr)
         return 2
+    if backend.model_choice.note:
+        print(f"note: {backend.model_choice.note}", file=sys.stderr)
+    print(f"model_version {backend.model_version}", file=sys.stderr)
     try:
         stats = prelabel_project(backend, client, args.project, page_size=args.page_size, limit=args.limit,
                                  progress=not args.no_progress)
@@ -99,8 +126,8 @@ def ls_prelabel(args) -> int:
     finally:
         backend.close()
         client.close()
-    print(f"project {args.project}: {stats.predicted} predicted, {stats.skipped} already done, "
-          f"{stats.failed} failed, {stats.regions} regions in {stats.seconds:.1f} s")
+    print(f"project {args.project}: {stats.predicted} predicted, {stats.empty} with no region (not pushed), "
+          f"{stats.skipped} already done, {stats.failed} failed, {stats.regions} regions in {stats.seconds:.1f} s")
     for line in stats.errors[:20]:
         print(f"  {line}", file=sys.stderr)
     return 1 if stats.failed else 0

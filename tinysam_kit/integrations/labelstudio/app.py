@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import sys
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinysam_kit.integrations.labelstudio.backend import BadRequest, TinySamBackend
 from tinysam_kit.integrations.labelstudio.settings import BackendSettings
@@ -68,7 +70,9 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    results: list[dict[str, Any]]
+    results: list[dict[str, Any] | list[dict[str, Any]]] = Field(
+        ..., description="per task: a prediction, an empty list when nothing was found (Label Studio stores no "
+                         "prediction, so the task is not done), or an answer without `result` when it failed")
     model_version: str
 
 
@@ -80,6 +84,9 @@ class HealthResponse(BaseModel):
     status: str
     model_class: str
     model_version: str
+    model: str | None = Field(None, description="the model serving (what `auto` resolved to)")
+    model_requested: str | None = None
+    model_note: str | None = Field(None, description="why another model than requested is serving, if it is")
 
 
 class VersionsResponse(BaseModel):
@@ -98,7 +105,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
+            return await self._reject(scope, send)
         seen = 0
 
         async def limited_receive():
@@ -113,11 +120,12 @@ class BodySizeLimit:
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._reject(send)
+            await self._reject(scope, send)
 
-    async def _reject(self, send):
-        body = json.dumps({"detail": f"request body larger than {self.max_bytes} bytes "
-                                     "(TINYSAM_MAX_REQUEST_MB)"}).encode()
+    async def _reject(self, scope, send):
+        reason = f"request body larger than {self.max_bytes} bytes (TINYSAM_MAX_REQUEST_MB)"
+        refused(scope.get("method", ""), scope.get("path", ""), 413, reason)
+        body = json.dumps({"detail": reason}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -152,6 +160,17 @@ class _TooLarge(Exception):
     pass
 
 
+def package_version() -> str:
+    """`tinysam_kit.__version__`, the package's one version. The package root is imported before any of its
+    modules, so it is read from there (the layer rules keep modules from importing the root)."""
+    return sys.modules[__name__.split(".", 1)[0]].__version__
+
+
+def refused(method: str, path: str, status: int, reason: str) -> None:
+    """Every 4xx answer's reason goes to the log, where Label Studio's error messages send users."""
+    log.warning("%s %s -> %d: %s", method, path, status, reason)
+
+
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:10]:
@@ -176,7 +195,7 @@ def create_app(settings: BackendSettings | None = None, backend: TinySamBackend 
         if owns_backend:  # a backend passed in is shared; whoever made it closes it
             backend.close()
 
-    app = FastAPI(title="TinySAM Label Studio ML backend", version="1.0", lifespan=lifespan,
+    app = FastAPI(title="TinySAM Label Studio ML backend", version=package_version(), lifespan=lifespan,
                   description="Smart keypoint/rectangle clicks answered with brush masks; batch pre-labelling.")
     if settings.max_request_bytes:
         app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
@@ -197,12 +216,21 @@ def create_app(settings: BackendSettings | None = None, backend: TinySamBackend 
                                 headers={"WWW-Authenticate": 'Basic realm="tinysam"'})
 
     @app.exception_handler(BadRequest)
-    async def bad_request(_: Request, exc: BadRequest):
+    async def bad_request(request: Request, exc: BadRequest):
+        refused(request.method, request.url.path, exc.status_code, str(exc))
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError):
-        return JSONResponse({"detail": _describe_validation(exc)}, status_code=422)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        reason = _describe_validation(exc)
+        refused(request.method, request.url.path, 422, reason)
+        return JSONResponse({"detail": reason}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if 400 <= exc.status_code < 500:
+            refused(request.method, request.url.path, exc.status_code, str(exc.detail))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -210,7 +238,8 @@ def create_app(settings: BackendSettings | None = None, backend: TinySamBackend 
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     def health() -> dict:
-        return {"status": "UP", "model_class": "TinySamBackend", "model_version": backend.model_version}
+        return {"status": "UP", "model_class": "TinySamBackend", "model_version": backend.model_version,
+                **backend.describe()}
 
     app.get("/", response_model=HealthResponse, dependencies=[Depends(check_auth)])(health)
     app.get("/health", response_model=HealthResponse, dependencies=[Depends(check_auth)],

@@ -1,4 +1,4 @@
-"""The model side of the backend: Label Studio tasks and contexts in, brush predictions out.
+"""The model side of the backend: Label Studio tasks and contexts in, brush or polygon predictions out.
 
 Transport-free (no HTTP here) so the server, the `ls-prelabel` command and tests share one path.
 """
@@ -15,19 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from tinysam_kit.data.images import ImageError, load_image
+from tinysam_kit.inference import policy
 from tinysam_kit.inference.encodings.labelstudio import mask_to_rle
-from tinysam_kit.inference.predictor import (
-    BEST_MULTIMASK,
-    SINGLE_MASK_TOKENS,
-    ImageEmbedding,
-    PromptError,
-    TinySamPredictor,
-)
+from tinysam_kit.inference.encodings.polygons import mask_to_parts
+from tinysam_kit.inference.predictor import ImageEmbedding, PromptError, TinySamPredictor
 from tinysam_kit.integrations.labelstudio.fetch import ImageFetcher, ImageFetchError
-from tinysam_kit.integrations.labelstudio.label_config import Control, LabelConfig, LabelConfigError, parse_label_config
+from tinysam_kit.integrations.labelstudio.label_config import (
+    POLYGON_TAGS,
+    Control,
+    LabelConfig,
+    LabelConfigError,
+    parse_label_config,
+)
 from tinysam_kit.integrations.labelstudio.settings import BackendSettings
 
 log = logging.getLogger("tinysam_kit.integrations.labelstudio")
@@ -207,23 +208,58 @@ def _rectangle_bounds(x: float, y: float, w: float, h: float, rotation: float, s
     return float(x0), float(y0), float(x1), float(y1)
 
 
-def choose_label(control: Control, wanted: str | None, fallback: str = "") -> str | None:
-    """The brush label for a region: the prompt's own label when the brush control has it."""
+def prompt_label(control: Control, wanted: str | None) -> str | None:
+    """The label of a smart-tool answer: the prompt's own label, matched by name (a prompt without a
+    label gets the control's first label).
+
+    A prompt label the output control does not have is refused (422) rather than swapped for another label:
+    the annotator would otherwise accept a mask labelled differently from the tool they clicked with.
+    """
     if not control.labels:
         return wanted
+    if wanted is None:
+        return control.labels[0]
     if wanted in control.labels:
         return wanted
-    if fallback in control.labels:
-        return fallback
-    return control.labels[0]
+    raise BadRequest(f"the prompt's label {wanted!r} has no label of the same name in <{control.tag} "
+                     f"name=\"{control.name}\"> (its labels: {', '.join(control.labels)}); add "
+                     f"<Label value=\"{wanted}\"/> to it or rename the smart tool's label")
 
 
-def brush_region(mask: np.ndarray, control: Control, image_name: str, label: str | None,
-                 score: float) -> dict:
-    height, width = mask.shape
-    value: dict[str, Any] = {"format": "rle", "rle": mask_to_rle(mask)}
-    if control.tag == "brushlabels":
-        value["brushlabels"] = [label] if label else []
+def unmatched_prompt_labels(config: LabelConfig) -> list[str]:
+    """Smart-tool labels with no output label of the same name: clicks with them will be refused."""
+    out = []
+    for control in config.keypoints + config.rectangles:
+        for image_name in control.to_name:
+            try:
+                output = config.output_for(image_name)
+            except LabelConfigError:
+                continue
+            missing = [label for label in control.labels if output.labels and label not in output.labels]
+            if missing:
+                out.append(f"<{control.tag} name=\"{control.name}\"> label(s) {', '.join(missing)} have no label "
+                           f"of the same name in <{output.tag} name=\"{output.name}\"> ({', '.join(output.labels)}); "
+                           "smart clicks with them will be refused")
+    return out
+
+
+def batch_label(control: Control, wanted: str = "") -> str | None:
+    """The label of everything-mode regions: `wanted` (TINYSAM_BATCH_LABEL) or the control's first label."""
+    if not control.labels:
+        return None
+    if not wanted:
+        return control.labels[0]
+    if wanted not in control.labels:
+        raise BadRequest(f"TINYSAM_BATCH_LABEL {wanted!r} is not a label of <{control.tag} name="
+                         f"\"{control.name}\"> (its labels: {', '.join(control.labels)})")
+    return wanted
+
+
+def _region(control: Control, image_name: str, size: tuple[int, int], value: dict, label: str | None,
+            score: float) -> dict:
+    if control.tag.endswith("labels"):
+        value[control.tag] = [label] if label else []
+    width, height = size
     return {
         "id": uuid.uuid4().hex[:10],
         "from_name": control.name,
@@ -238,33 +274,31 @@ def brush_region(mask: np.ndarray, control: Control, image_name: str, label: str
     }
 
 
-def decode_prompt(predictor: TinySamPredictor, state: ImageEmbedding, points_px, labels, box_px):
-    """Low-resolution logits (1, s, s) of TinySAM's answer to one smart-tool prompt, and its predicted IoU.
-
-    A single click is ambiguous (part or whole?), so the best of the three multimask outputs is used;
-    several clicks or a box pin the object down, where SAM's single-mask output is the better answer.
-    """
-    single_click = box_px is None and len(points_px) == 1
-    coords, point_labels, boxes, _ = predictor.prepare_prompts(
-        state,
-        np.asarray(points_px, dtype=np.float64) if points_px else None,
-        np.asarray(labels, dtype=np.int64) if points_px else None,
-        np.asarray(box_px, dtype=np.float64) if box_px is not None else None)
-    low_res, iou = predictor.decode(state, coords, point_labels, boxes, None,
-                                    tokens=(BEST_MULTIMASK,) if single_click else SINGLE_MASK_TOKENS)
-    return low_res[0], float(iou[0, 0])
+def brush_region(mask: np.ndarray, control: Control, image_name: str, label: str | None,
+                 score: float) -> dict:
+    """One brush region: the mask in Label Studio's brush RLE."""
+    height, width = mask.shape
+    return _region(control, image_name, (width, height), {"format": "rle", "rle": mask_to_rle(mask)}, label, score)
 
 
-def full_mask(predictor: TinySamPredictor, state: ImageEmbedding, low_res: torch.Tensor) -> np.ndarray:
-    """Upsample only the chosen mask, only where it can be true: it needs no model, so it runs outside
-    the model gate, in parallel with other annotators' decoder calls."""
-    return predictor.masks_from_low_res(low_res, state)[0]
+def polygon_regions(mask: np.ndarray, control: Control, image_name: str, label: str | None,
+                    score: float) -> list[dict]:
+    """One closed polygon region per connected part of the mask larger than `polygons.MIN_PART_AREA` pixels, in
+    percent of the image. Holes are filled: Label Studio polygons cannot express them (use brush masks where
+    holes matter)."""
+    height, width = mask.shape
+    return [_region(control, image_name, (width, height),
+                    {"points": [[x * 100.0 / width, y * 100.0 / height] for x, y in zip(part[0::2], part[1::2])],
+                     "closed": True}, label, score)
+            for part in mask_to_parts(mask)]
 
 
-def segment(predictor: TinySamPredictor, state: ImageEmbedding, points_px, labels, box_px):
-    """Full-resolution mask and predicted IoU for one smart-tool prompt (what a click is answered with)."""
-    low_res, score = decode_prompt(predictor, state, points_px, labels, box_px)
-    return full_mask(predictor, state, low_res), score
+def mask_regions(mask: np.ndarray, control: Control, image_name: str, label: str | None,
+                 score: float) -> list[dict]:
+    """The regions one mask becomes on `control`: polygons for polygon controls, else one brush region."""
+    if control.tag in POLYGON_TAGS:
+        return polygon_regions(mask, control, image_name, label, score)
+    return [brush_region(mask, control, image_name, label, score)]
 
 
 def prompt_to_pixels(prompt: Prompt, height: int, width: int):
@@ -292,20 +326,32 @@ class TinySamBackend:
                  fetcher: ImageFetcher | None = None) -> None:
         self.settings = settings
         if predictor is None:
-            predictor = TinySamPredictor.from_pretrained(
-                settings.model, engine=settings.engine, precision=settings.precision, device=settings.device,
-                threads=settings.threads or None, cache_bytes=settings.cache_bytes)
+            predictor = TinySamPredictor.from_options(settings.engine_options(), cache_bytes=settings.cache_bytes)
         self.predictor = predictor
+        self.model_choice = predictor.model_choice
+        if self.model_choice.note:
+            log.warning("model %s: %s", self.model_choice.requested, self.model_choice.note)
         self.fetcher = fetcher or ImageFetcher(
             settings.label_studio_url, settings.label_studio_api_key, allowed_hosts=settings.allowed_hosts,
             local_files_root=settings.local_files_root, max_bytes=settings.max_image_bytes,
             timeout=settings.fetch_timeout)
         self.gate = ModelGate()
         self.counters = {"interactive": 0, "batch_tasks": 0, "errors": 0}
+        self.everything_params = policy.everything_params(predictor.model_name, settings.everything_explicit(),
+                                                          prelabel=True)
+        self.run_params = {**self.everything_params, "mode": settings.everything_mode,
+                           "min_region_area": settings.min_region_area, "max_regions": settings.max_regions,
+                           "label": settings.batch_label}
+        # Label Studio skips tasks that have a prediction of the `model_version` /setup returns: it names the
+        # model, engine, precision and every batch setting, so a run with other settings is not skipped.
+        self.model_version = policy.run_identity(predictor.model_version, "everything", self.run_params)
+        log.info("model %s (%s), model_version %s, everything mode %s", predictor.model_name,
+                 predictor.model_version, self.model_version, self.run_params)
 
-    @property
-    def model_version(self) -> str:
-        return self.predictor.model_version
+    def describe(self) -> dict:
+        """The model actually serving, and why (for /health)."""
+        return {"model": self.predictor.model_name, "model_requested": self.model_choice.requested,
+                "model_note": self.model_choice.note, "everything": self.run_params}
 
     def close(self) -> None:
         self.fetcher.close()
@@ -315,9 +361,11 @@ class TinySamBackend:
         """Validate the project's config; learn where Label Studio is if the environment did not say."""
         if schema:
             try:
-                parse_label_config(schema)
+                config = parse_label_config(schema)
             except LabelConfigError as exc:
                 raise BadRequest(str(exc)) from exc
+            for warning in unmatched_prompt_labels(config):
+                log.warning("label config: %s", warning)
         if not self.settings.label_studio_url and hostname:
             # No LABEL_STUDIO_URL: trust Label Studio's own idea of its URL and the creator's token.
             if not isinstance(hostname, str) or not hostname.startswith(("http://", "https://")):
@@ -344,15 +392,13 @@ class TinySamBackend:
             key = self.fetcher.resolve(url_value, task.get("id"))
         except ImageFetchError as exc:
             raise BadRequest(str(exc), exc.status_code) from exc
-        # TinySamPredictor.embed keys user-supplied cache keys as "user:<key>"; looking it up first avoids
-        # downloading an image whose embedding is already cached.
-        cached = self.predictor.cache.get(f"user:{key}")
+        cached = self.predictor.cached(key)  # no download for an image whose embedding is cached
         if cached is not None:
             return cached
         image = self.load_task_image(task, url_value)
         with self.gate.hold(interactive):
             # another request may have encoded the same image while this one was downloading it
-            return self.predictor.cache.get(f"user:{key}") or self.predictor.embed(image, key=key)
+            return self.predictor.embed(image, key=key)
 
     def load_task_image(self, task: dict, url_value: str) -> np.ndarray:
         try:
@@ -384,11 +430,6 @@ class TinySamBackend:
             # Label Studio only reads results[0] of an interactive answer: prompt the first task only.
             return {"results": [self.predict_interactive(tasks[0], config, prompt)],
                     "model_version": self.model_version}
-        try:
-            from tinysam_kit.inference.everything import generate_everything  # noqa: F401
-        except ImportError as exc:
-            raise BadRequest(f"batch pre-labelling needs everything mode, which is not available here ({exc})",
-                             503) from exc
         results = [self.predict_batch_task(task, config) for task in tasks]
         return {"results": results, "model_version": self.model_version}
 
@@ -396,52 +437,61 @@ class TinySamBackend:
         if prompt is None or prompt.is_empty():
             # e.g. a smart brush stroke: answer with an empty suggestion rather than an error
             return {"result": [], "score": 0.0, "model_version": self.model_version}
-        control = config.brush_for(prompt.image_name)
+        control = config.output_for(prompt.image_name)
+        label = prompt_label(control, prompt.label)
         state = self._embedding(task, self._image_url(task, config, prompt.image_name), interactive=True)
         height, width = state.original_size
         points, labels, box = prompt_to_pixels(prompt, height, width)
         try:
             with self.gate.hold(True):
-                low_res, score = decode_prompt(self.predictor, state, points, labels, box)
+                low_res, raw_iou = self.predictor.segment_logits(
+                    np.asarray(points, dtype=np.float64) if points else None,
+                    np.asarray(labels, dtype=np.int64) if points else None,
+                    np.asarray(box, dtype=np.float64) if box is not None else None, image_embedding=state)
         except PromptError as exc:
             raise BadRequest(str(exc)) from exc
-        mask = fit_to(full_mask(self.predictor, state, low_res), prompt.original_size)
-        label = choose_label(control, prompt.label)
-        region = brush_region(mask, control, prompt.image_name, label, score)
+        # upsampling needs no model: it runs outside the gate, beside other annotators' decoder calls
+        mask = fit_to(self.predictor.masks_from_low_res(low_res, state)[0], prompt.original_size)
+        score = policy.report_score(raw_iou)
+        regions = mask_regions(mask, control, prompt.image_name, label, score)
         self.counters["interactive"] += 1
-        return {"result": [region], "score": score, "model_version": self.model_version}
+        return {"result": regions, "score": score, "model_version": self.model_version}
 
-    def predict_batch_task(self, task: dict, config: LabelConfig) -> dict:
-        """Everything-mode regions for one task; a task that fails gets an answer without 'result',
-        which Label Studio skips (so "Retrieve predictions" retries it later) instead of failing all."""
+    def predict_batch_task(self, task: dict, config: LabelConfig) -> dict | list:
+        """Everything-mode prediction of one task for /predict.
+
+        A task that fails gets an answer without 'result', and a task where nothing was found an empty list
+        of predictions: Label Studio stores neither, so neither counts as done and the next "Retrieve
+        predictions" (or opening the task) tries again, while the other tasks of the batch are stored.
+        """
         try:
-            return self.everything(task, config)
+            prediction = self.everything(task, config)
         except BadRequest as exc:
             self.counters["errors"] += 1
             log.warning("task %s: %s", task.get("id"), exc)
             return {"error": str(exc), "model_version": self.model_version}
+        return prediction if prediction["result"] else []
 
     def everything(self, task: dict, config: LabelConfig) -> dict:
+        """Everything-mode regions of one task (the best `max_regions`, near-whole-image masks dropped)."""
         from tinysam_kit.inference.everything import generate_everything
 
-        image_name = next(name for name in config.images if any(name in b.to_name for b in config.brushes))
-        control = config.brush_for(image_name)
+        image_name = next(name for name in config.images if any(name in c.to_name for c in config.outputs))
+        control = config.output_for(image_name)
+        label = batch_label(control, self.settings.batch_label)
         state = self._embedding(task, self._image_url(task, config, image_name), interactive=False)
         s = self.settings
         try:
             with self.gate.hold(False):
-                records = generate_everything(
-                    self.predictor, mode=s.everything_mode, image_embedding=state, output_mode="binary_mask",
-                    points_per_side=s.points_per_side, pred_iou_thresh=s.pred_iou_thresh,
-                    stability_score_thresh=s.stability_score_thresh)
+                records = generate_everything(self.predictor, mode=s.everything_mode, image_embedding=state,
+                                              output_mode="binary_mask", **self.everything_params)
         except PromptError as exc:
             raise BadRequest(str(exc)) from exc
         records = [r for r in records if int(r["area"]) >= s.min_region_area]
         records.sort(key=lambda r: float(r["predicted_iou"]), reverse=True)
-        records = records[: s.max_regions]
-        label = choose_label(control, s.batch_label or None)
-        regions = [brush_region(np.asarray(r["segmentation"], dtype=bool), control, image_name, label,
-                                float(r["predicted_iou"])) for r in records]
+        regions = [region for r in records[: s.max_regions]
+                   for region in mask_regions(np.asarray(r["segmentation"], dtype=bool), control, image_name, label,
+                                              policy.report_score(r["predicted_iou"]))]
         score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
         self.counters["batch_tasks"] += 1
         return {"result": regions, "score": score, "model_version": self.model_version}

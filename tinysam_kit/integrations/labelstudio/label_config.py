@@ -1,7 +1,8 @@
 """Which parts of a Label Studio labeling config the backend works with.
 
-The backend needs: the `<Image>` whose task field holds the picture, the `<BrushLabels>` (or `<Brush>`)
-control its masks go to, and the keypoint/rectangle controls whose regions arrive as prompts.
+The backend needs: the `<Image>` whose task field holds the picture, the control its masks go to
+(`<BrushLabels>`/`<Brush>` for brush masks, `<PolygonLabels>`/`<Polygon>` for polygons), and the
+keypoint/rectangle controls whose regions arrive as prompts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import lru_cache
 MAX_CONFIG_CHARS = 1_000_000
 
 BRUSH_TAGS = {"brushlabels": "brushlabels", "brush": "brush"}
+POLYGON_TAGS = {"polygonlabels": "polygonlabels", "polygon": "polygon"}
 KEYPOINT_TAGS = {"keypointlabels": "keypointlabels", "keypoint": "keypoint"}
 RECTANGLE_TAGS = {"rectanglelabels": "rectanglelabels", "rectangle": "rectangle"}
 
@@ -42,14 +44,22 @@ class LabelConfig:
     keypoints: tuple[Control, ...] = ()
     rectangles: tuple[Control, ...] = ()
     others: tuple[str, ...] = field(default=())
+    polygons: tuple[Control, ...] = ()
 
     def brush_for(self, image_name: str | None = None) -> Control:
         """The brush control that draws on `image_name` (the first one when not given)."""
-        for control in self.brushes:
-            if image_name is None or image_name in control.to_name:
-                return control
-        raise LabelConfigError(f"no <BrushLabels> control has toName={image_name!r}; "
-                               f"brush controls: {', '.join(c.name for c in self.brushes)}")
+        return _control_for(self.brushes, image_name, "<BrushLabels>")
+
+    def output_for(self, image_name: str | None = None) -> Control:
+        """The control TinySAM's masks go to on `image_name`: its polygon control when it has one (alone or
+        beside a brush control), else its brush control."""
+        if any(image_name is None or image_name in c.to_name for c in self.polygons):
+            return _control_for(self.polygons, image_name, "<PolygonLabels>")
+        return _control_for(self.brushes, image_name, "<BrushLabels> or <PolygonLabels>")
+
+    @property
+    def outputs(self) -> tuple[Control, ...]:
+        return self.polygons + self.brushes
 
     def image_key(self, image_name: str) -> str:
         return self.images[image_name]
@@ -59,6 +69,14 @@ class LabelConfig:
             if control.name == from_name:
                 return control
         return None
+
+
+def _control_for(controls: tuple[Control, ...], image_name: str | None, what: str) -> Control:
+    for control in controls:
+        if image_name is None or image_name in control.to_name:
+            return control
+    raise LabelConfigError(f"no {what} control has toName={image_name!r}; "
+                           f"such controls: {', '.join(c.name for c in controls) or 'none'}")
 
 
 def _bool(value: str | None) -> bool:
@@ -72,7 +90,8 @@ def _to_names(element: ET.Element) -> tuple[str, ...]:
 
 @lru_cache(maxsize=64)
 def parse_label_config(text: str) -> LabelConfig:
-    """Parse the XML labeling config; raise LabelConfigError unless it has an image and a brush control."""
+    """Parse the XML labeling config; raise LabelConfigError unless it has an image and a brush or polygon
+    control."""
     if not isinstance(text, str) or not text.strip():
         raise LabelConfigError("label config is empty")
     if len(text) > MAX_CONFIG_CHARS:
@@ -87,6 +106,7 @@ def parse_label_config(text: str) -> LabelConfig:
 
     images: dict[str, str] = {}
     brushes: list[Control] = []
+    polygons: list[Control] = []
     keypoints: list[Control] = []
     rectangles: list[Control] = []
     others: list[str] = []
@@ -106,6 +126,8 @@ def parse_label_config(text: str) -> LabelConfig:
             _bool(child.get("smart")) for child in element if str(child.tag).lower() == "label")
         if tag in BRUSH_TAGS:
             brushes.append(Control(name, tag, _to_names(element), labels, smart))
+        elif tag in POLYGON_TAGS:
+            polygons.append(Control(name, tag, _to_names(element), labels, smart))
         elif tag in KEYPOINT_TAGS:
             keypoints.append(Control(name, tag, _to_names(element), labels, smart))
         elif tag in RECTANGLE_TAGS:
@@ -116,7 +138,9 @@ def parse_label_config(text: str) -> LabelConfig:
     if not images:
         raise LabelConfigError('label config has no <Image name="..." value="$field"> tag')
     brushes = [b for b in brushes if any(t in images for t in b.to_name)]
-    if not brushes:
-        raise LabelConfigError("label config has no <BrushLabels> (or <Brush>) control with toName pointing to "
-                               f"an <Image> ({', '.join(images)}); TinySAM answers with brush masks")
-    return LabelConfig(images, tuple(brushes), tuple(keypoints), tuple(rectangles), tuple(others))
+    polygons = [p for p in polygons if any(t in images for t in p.to_name)]
+    if not brushes and not polygons:
+        raise LabelConfigError("label config has no <BrushLabels> (or <Brush>) or <PolygonLabels> (or <Polygon>) "
+                               f"control with toName pointing to an <Image> ({', '.join(images)}); TinySAM answers "
+                               "with brush masks or polygons")
+    return LabelConfig(images, tuple(brushes), tuple(keypoints), tuple(rectangles), tuple(others), tuple(polygons))

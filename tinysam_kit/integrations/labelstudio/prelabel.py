@@ -1,8 +1,10 @@
 """Pre-label a whole Label Studio project through its API (`tinysam ls-prelabel`).
 
 Resumable by construction: every task's prediction is pushed as soon as it is computed, and tasks that
-already carry a prediction of the same `model_version` are skipped, so a rerun after an interruption
-continues where the last one stopped (at most the task in flight is recomputed).
+already carry a non-empty prediction of the same `model_version` are skipped, so a rerun after an
+interruption continues where the last one stopped (at most the task in flight is recomputed). The
+`model_version` names the model and every batch setting, so a rerun with other settings predicts again.
+A task where nothing was found gets no prediction (an empty one would only hide it from the next run).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from tinysam_kit.integrations.labelstudio.backend import BadRequest, TinySamBackend
+from tinysam_kit.integrations.labelstudio.backend import BadRequest, TinySamBackend, batch_label
 from tinysam_kit.integrations.labelstudio.fetch import ImageFetchError, LabelStudioAuth
 from tinysam_kit.integrations.labelstudio.label_config import LabelConfigError, parse_label_config
 
@@ -94,9 +96,11 @@ class LabelStudioClient:
 
 
 def has_version(task: dict, model_version: str) -> bool:
+    """Whether the task is done for this run: it has a prediction of `model_version` with at least one region."""
     predictions = task.get("predictions")
     if isinstance(predictions, list):
-        return any(isinstance(p, dict) and p.get("model_version") == model_version for p in predictions)
+        return any(isinstance(p, dict) and p.get("model_version") == model_version and p.get("result")
+                   for p in predictions)
     versions = task.get("predictions_model_versions") or ""
     return model_version in [v.strip() for v in str(versions).split(",")]
 
@@ -105,6 +109,7 @@ def has_version(task: dict, model_version: str) -> bool:
 class PrelabelStats:
     seen: int = 0
     predicted: int = 0
+    empty: int = 0  # nothing found: no prediction pushed
     skipped: int = 0
     failed: int = 0
     regions: int = 0
@@ -120,6 +125,10 @@ def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project
     try:
         config = parse_label_config(project.get("label_config", ""))
     except LabelConfigError as exc:
+        raise LabelStudioAPIError(f"project {project_id}: {exc}") from exc
+    try:
+        batch_label(config.output_for(), backend.settings.batch_label)
+    except BadRequest as exc:
         raise LabelStudioAPIError(f"project {project_id}: {exc}") from exc
     version = backend.model_version
     stats = PrelabelStats()
@@ -138,15 +147,18 @@ def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project
             else:
                 try:
                     prediction = backend.everything(task, config)
-                    client.create_prediction(task["id"], prediction)
-                    stats.predicted += 1
-                    stats.regions += len(prediction["result"])
+                    if prediction["result"]:
+                        client.create_prediction(task["id"], prediction)
+                        stats.predicted += 1
+                        stats.regions += len(prediction["result"])
+                    else:
+                        stats.empty += 1
                 except BadRequest as exc:
                     stats.failed += 1
                     stats.errors.append(f"task {task.get('id')}: {exc}")
                     log.warning("task %s: %s", task.get("id"), exc)
             bar.update(1)
-            bar.set_postfix(predicted=stats.predicted, skipped=stats.skipped, failed=stats.failed)
+            bar.set_postfix(predicted=stats.predicted, empty=stats.empty, skipped=stats.skipped, failed=stats.failed)
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - start

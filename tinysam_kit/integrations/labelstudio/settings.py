@@ -1,4 +1,8 @@
-"""Backend configuration from the environment variables Label Studio ML backends conventionally use."""
+"""Backend configuration from the environment variables Label Studio ML backends conventionally use.
+
+Model and everything-mode values left unset mean "what `tinysam_kit.inference.policy` decides" (the model
+`auto` stands for, the model's own everything-mode thresholds); nothing here declares a default of its own.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,23 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from tinysam_kit.inference.policy import EngineOptions, PolicyError
+
+ENGINE_DEFAULTS = EngineOptions()
+# Everything-mode parameters the backend passes to `policy.everything_params` (None: the model's own value).
+EVERYTHING_SETTINGS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "max_area_fraction")
+
 
 class SettingsError(ValueError):
     """An environment variable has a value the backend cannot use; the message names it."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name, "").strip()
+def _raw(env: Mapping[str, str], name: str) -> str:
+    return str(env.get(name, "")).strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int | None:
+    raw = _raw(env, name)
     if not raw:
         return default
     try:
@@ -24,8 +38,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
-    raw = env.get(name, "").strip()
+def _float(env: Mapping[str, str], name: str, default: float | None, minimum: float = 0.0) -> float | None:
+    raw = _raw(env, name)
     if not raw:
         return default
     try:
@@ -51,12 +65,12 @@ class BackendSettings:
     # Basic auth that Label Studio must present (set the same pair in the model's connection form)
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
-    # Model
-    model: str = "tinysam"
-    engine: str = "torch"
-    precision: str = "fp32"
-    device: str = "auto"
-    threads: int = 0  # 0: library default
+    # Model (see policy.EngineOptions; `auto` is resolved by policy.resolve_model)
+    model: str = ENGINE_DEFAULTS.model
+    engine: str = ENGINE_DEFAULTS.engine
+    precision: str = ENGINE_DEFAULTS.precision
+    device: str = ENGINE_DEFAULTS.device
+    threads: int | None = ENGINE_DEFAULTS.threads
     cache_bytes: int = 512 * 1024 * 1024
     # Image fetching
     allowed_hosts: tuple[str, ...] = ()
@@ -68,44 +82,45 @@ class BackendSettings:
     max_context_regions: int = 512
     max_tasks_per_request: int = 256
     # Batch (everything-mode) pre-labelling
-    batch_label: str = ""  # brush label given to everything-mode regions; default: the first label
+    batch_label: str = ""  # label given to everything-mode regions; default: the output control's first label
     max_regions: int = 20
     min_region_area: int = 100
-    points_per_side: int = 16
-    pred_iou_thresh: float = 0.8
-    stability_score_thresh: float = 0.9
     everything_mode: str = "hierarchical"
+    points_per_side: int | None = None
+    pred_iou_thresh: float | None = None
+    stability_score_thresh: float | None = None
+    max_area_fraction: float | None = None  # None: policy.MAX_AREA_FRACTION
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> BackendSettings:
         env = os.environ if env is None else env
         values = dict(
-            label_studio_url=env.get("LABEL_STUDIO_URL", env.get("LABEL_STUDIO_HOST", "")).strip(),
-            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", env.get("LABEL_STUDIO_ACCESS_TOKEN", "")).strip(),
+            label_studio_url=_raw(env, "LABEL_STUDIO_URL") or _raw(env, "LABEL_STUDIO_HOST"),
+            label_studio_api_key=_raw(env, "LABEL_STUDIO_API_KEY") or _raw(env, "LABEL_STUDIO_ACCESS_TOKEN"),
             basic_auth_user=env.get("BASIC_AUTH_USER", ""),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
-            model=env.get("TINYSAM_MODEL", "").strip() or "tinysam",
-            engine=env.get("TINYSAM_ENGINE", "").strip() or "torch",
-            precision=env.get("TINYSAM_PRECISION", "").strip() or "fp32",
-            device=env.get("TINYSAM_DEVICE", "").strip() or "auto",
-            threads=_int(env, "TINYSAM_THREADS", 0),
+            engine=_raw(env, "TINYSAM_ENGINE") or None,
+            precision=_raw(env, "TINYSAM_PRECISION") or None,
+            device=_raw(env, "TINYSAM_DEVICE") or None,
+            threads=_int(env, "TINYSAM_THREADS", None) or None,
             cache_bytes=_int(env, "TINYSAM_CACHE_MB", 512, minimum=1) * 1024 * 1024,
             allowed_hosts=_list(env, "TINYSAM_ALLOWED_HOSTS"),
-            local_files_root=env.get("LOCAL_FILES_DOCUMENT_ROOT", "").strip(),
+            local_files_root=_raw(env, "LOCAL_FILES_DOCUMENT_ROOT"),
             max_image_bytes=_int(env, "TINYSAM_MAX_IMAGE_MB", 64, minimum=1) * 1024 * 1024,
             fetch_timeout=_float(env, "TINYSAM_FETCH_TIMEOUT", 30.0, minimum=0.1),
             max_request_bytes=_int(env, "TINYSAM_MAX_REQUEST_MB", 64, minimum=1) * 1024 * 1024,
-            batch_label=env.get("TINYSAM_BATCH_LABEL", "").strip(),
-            max_regions=_int(env, "TINYSAM_MAX_REGIONS", 20, minimum=1),
-            min_region_area=_int(env, "TINYSAM_MIN_REGION_AREA", 100),
-            points_per_side=_int(env, "TINYSAM_POINTS_PER_SIDE", 16, minimum=1),
-            pred_iou_thresh=_float(env, "TINYSAM_PRED_IOU_THRESH", 0.8),
-            stability_score_thresh=_float(env, "TINYSAM_STABILITY_THRESH", 0.9),
-            everything_mode=env.get("TINYSAM_EVERYTHING_MODE", "").strip() or "hierarchical",
+            batch_label=_raw(env, "TINYSAM_BATCH_LABEL"),
+            max_regions=_int(env, "TINYSAM_MAX_REGIONS", None, minimum=1),
+            min_region_area=_int(env, "TINYSAM_MIN_REGION_AREA", None),
+            everything_mode=_raw(env, "TINYSAM_EVERYTHING_MODE") or None,
+            points_per_side=_int(env, "TINYSAM_POINTS_PER_SIDE", None, minimum=2),
+            pred_iou_thresh=_float(env, "TINYSAM_PRED_IOU_THRESH", None),
+            stability_score_thresh=_float(env, "TINYSAM_STABILITY_THRESH", None),
+            max_area_fraction=_float(env, "TINYSAM_MAX_AREA_FRACTION", None),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
+        settings = cls(**{k: v for k, v in values.items() if v is not None})
         settings.validate()
         return settings
 
@@ -115,9 +130,23 @@ class BackendSettings:
         if self.everything_mode not in ("hierarchical", "dense"):
             raise SettingsError(f"TINYSAM_EVERYTHING_MODE must be 'hierarchical' or 'dense', "
                                 f"got {self.everything_mode!r}")
+        if self.max_area_fraction is not None and not 0.0 < self.max_area_fraction <= 1.0:
+            raise SettingsError(f"TINYSAM_MAX_AREA_FRACTION must be in (0, 1] (1 keeps every mask), "
+                                f"got {self.max_area_fraction:g}")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
             raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, "
                                 f"got {self.label_studio_url!r}")
+        self.engine_options()
+
+    def engine_options(self) -> EngineOptions:
+        try:
+            return EngineOptions.from_mapping({f.name: getattr(self, f.name) for f in fields(EngineOptions)})
+        except PolicyError as exc:
+            raise SettingsError(str(exc)) from exc
+
+    def everything_explicit(self) -> dict:
+        """The everything-mode values set here (None: the model's own, see `policy.everything_params`)."""
+        return {name: getattr(self, name) for name in EVERYTHING_SETTINGS}
 
     def public_dict(self) -> dict:
         """Settings without secrets, for logs and /health."""
