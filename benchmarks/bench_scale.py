@@ -1,0 +1,275 @@
+"""Scale-out throughput: the single-process `tinysam everything` vs the Ray pipeline on one and two worker
+nodes, with per-stage times of the single-process pipeline, all measured in one run on this machine.
+
+    python benchmarks/bench_scale.py                        # 16 images 480×640, demo model, 16 points/side
+    python benchmarks/bench_scale.py --images 16 --points-per-side 16 --json out.json
+
+Every model runs with one thread on one pinned core (`taskset`): the single process on core 0, Ray worker
+node 1 on core 0 and node 2 on core 1 (each a `--num-cpus=1` node; the head holds no CPUs, so all actors run
+on the workers). Ray runs on a loopback-only network namespace cluster (tests/ray_helpers.py; needs root).
+
+Printed, as ratios measured in this run:
+  * stage times per image (read, decode, encode, prompt decode, post-process, write) and the single-process
+    pipeline's throughput against its slowest stage (target ≥ 0.9×) and against the serial sum of stages;
+  * images/s of the single-process command, Ray with one worker node and with two (target: two ≥ 1.7× one),
+    end to end (process start to last file) and steady (first to last finished image, start-up excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+TINYSAM = str(Path(sys.executable).parent / "tinysam")
+
+
+def make_photos(directory: Path, n: int, height: int, width: int) -> list[Path]:
+    """JPEGs with overlapping shapes and texture (decoding and segmenting cost like real photos)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        base = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+        img = Image.fromarray(base)
+        draw = ImageDraw.Draw(img)
+        for _ in range(12):
+            x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
+            x1, y1 = x0 + int(rng.integers(30, width // 3)), y0 + int(rng.integers(30, height // 3))
+            color = tuple(int(c) for c in rng.integers(60, 255, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=color)
+        paths.append(directory / f"photo_{i:03d}.jpg")
+        img.save(paths[-1], quality=90)
+    return paths
+
+
+def model_args(args) -> list[str]:
+    return ["--model", args.model, "--points-per-side", str(args.points_per_side), "--threads", "1"]
+
+
+# ------------------------------------------------------------------------------ single process (one core)
+def measure_single(args) -> dict:
+    """In this process (pinned by the caller): per-stage times, then the real pipeline on fresh output."""
+    import torch
+
+    from tinysam_kit.cli.common import list_images
+    from tinysam_kit.data.images import load_image
+    from tinysam_kit.inference.batch import CocoFolderSink, PrelabelResult, coco_key, run_everything
+    from tinysam_kit.inference.everything import EverythingGenerator
+    from tinysam_kit.inference.policy import everything_params
+    from tinysam_kit.inference.predictor import TinySamPredictor
+
+    torch.set_num_threads(1)
+    src = Path(args.src)
+    images = list_images(src)
+    predictor = TinySamPredictor.from_pretrained(args.model, device="cpu", threads=1)
+    params = everything_params(predictor.model_name, {"points_per_side": args.points_per_side}, prelabel=True)
+    engine = predictor.engine
+    decode_seconds = [0.0]
+    plain_decode = engine.decode
+
+    def timed_decode(*a, **k):
+        t = time.perf_counter()
+        try:
+            return plain_decode(*a, **k)
+        finally:
+            decode_seconds[0] += time.perf_counter() - t
+
+    generator = EverythingGenerator(predictor, "hierarchical", output_mode="coco_rle", **params)
+    stages = dict.fromkeys(("read", "decode", "encode", "prompt_decode", "post_process", "write"), 0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = CocoFolderSink(tmp, src, info={"mode": "hierarchical", "params": params})
+        engine.decode = timed_decode
+        for path in images:
+            t0 = time.perf_counter()
+            data = path.read_bytes()
+            t1 = time.perf_counter()
+            image = load_image(data)
+            t2 = time.perf_counter()
+            state = predictor.embed(image, cache=False)
+            t3 = time.perf_counter()
+            decode_seconds[0] = 0.0
+            records = generator.generate(image_embedding=state)
+            t4 = time.perf_counter()
+            sink.write(coco_key(path, src), PrelabelResult(path, records, None, *image.shape[:2],
+                                                           dict(generator.stats), predictor.model_version))
+            t5 = time.perf_counter()
+            stages["read"] += t1 - t0
+            stages["decode"] += t2 - t1
+            stages["encode"] += t3 - t2
+            stages["prompt_decode"] += decode_seconds[0]
+            stages["post_process"] += (t4 - t3) - decode_seconds[0]
+            stages["write"] += t5 - t4
+        engine.decode = plain_decode
+    with tempfile.TemporaryDirectory() as tmp:
+        # The command's own loop: prefetching decode, inference, sink writes (model already loaded).
+        sink = CocoFolderSink(tmp, src, info={"mode": "hierarchical", "params": params})
+        t0 = time.perf_counter()
+        for res in run_everything(predictor, images, output_mode="coco_rle", **params):
+            sink.write(coco_key(res.item, src), res)
+        pipeline = time.perf_counter() - t0
+    n = len(images)
+    return {"images": n, "stage_seconds_per_image": {k: v / n for k, v in stages.items()},
+            "pipeline_images_per_s": n / pipeline}
+
+
+def run_command(cmd: list[str], prefix: list[str] | None = None, env=None) -> float:
+    t0 = time.perf_counter()
+    result = subprocess.run((prefix or []) + cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+def ray_driver(args) -> dict:
+    """Inside the cluster's namespace: the Ray pipeline into a COCO folder, with each image's finish time."""
+    from tinysam_kit.cli.common import list_images
+    from tinysam_kit.inference.batch import CocoFolderSink, coco_key
+    from tinysam_kit.inference.policy import EngineOptions, everything_params
+    from tinysam_kit.integrations.ray import run_everything_on_ray
+
+    t_start = time.perf_counter()
+    src = Path(args.src).resolve()
+    images = list_images(src)
+    keys = [coco_key(p, src) for p in images]
+    params = everything_params(args.model, {"points_per_side": args.points_per_side}, prelabel=True)
+    finished = []
+
+    class TimedSink(CocoFolderSink):
+        def write(self, key, result):
+            super().write(key, result)
+            finished.append(time.perf_counter())
+
+    sink = TimedSink(args.out, src, info={"mode": "hierarchical", "params": params}, order=keys)
+    summary = run_everything_on_ray(dict(zip(keys, map(str, images))), sink, address=args.ray_driver,
+                                    options=EngineOptions(args.model, threads=1), params=params, progress=False)
+    sink.close()
+    end = time.perf_counter()
+    steady = (len(finished) - 1) / (finished[-1] - finished[0]) if len(finished) > 1 else 0.0
+    return {"images": summary.written, "failed": len(summary.failures), "duplicates": summary.duplicates,
+            "end_to_end_images_per_s": summary.written / (end - t_start), "steady_images_per_s": steady,
+            "first_image_after_s": finished[0] - t_start if finished else None}
+
+
+def measure_ray(args, workers: int) -> dict:
+    from ray_helpers import LoopbackCluster
+
+    with LoopbackCluster(workers=[1] * workers, head_cpus=0, cpu_sets=[str(i % os.cpu_count()) for i in
+                                                                        range(workers)]) as cluster:
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, __file__, "--ray-driver", cluster.address, "--src", args.src, "--out", out,
+                   "--model", args.model, "--points-per-side", str(args.points_per_side)]
+            result = cluster.run(cmd, timeout=900)
+            if result.returncode != 0:
+                raise SystemExit(f"Ray driver failed:\n{result.stderr[-3000:]}")
+            return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--points-per-side", type=int, default=16)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--src", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--single-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ray-driver", metavar="ADDRESS", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.single_worker:
+        print(json.dumps(measure_single(args)))
+        return 0
+    if args.ray_driver:
+        print(json.dumps(ray_driver(args)))
+        return 0
+
+    from ray_helpers import ray_missing_reason
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "images"
+        make_photos(src, args.images, args.height, args.width)
+        args.src = str(src)
+        pin0 = ["taskset", "-c", "0"]
+        print(f"{args.images} images {args.width}×{args.height}, model {args.model}, {args.points_per_side} "
+              f"points/side, hierarchical; CPU: {cpu_name()} ({os.cpu_count()} cores)", flush=True)
+        single_json = subprocess.run(pin0 + [sys.executable, __file__, "--single-worker", "--src", str(src),
+                                             "--model", args.model, "--points-per-side", str(args.points_per_side)],
+                                     capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        single = json.loads(single_json)
+        command_s = run_command([TINYSAM, "everything", str(src), "--out", str(Path(tmp) / "cli"), "--no-preview",
+                                 *model_args(args)], prefix=pin0)
+        preview_s = run_command([TINYSAM, "everything", str(src), "--out", str(Path(tmp) / "cli_prev"),
+                                 *model_args(args)], prefix=pin0)
+        results = {"cpu": cpu_name(), "images": args.images, "single": single,
+                   "command_images_per_s": args.images / command_s,
+                   "command_with_previews_images_per_s": args.images / preview_s}
+        reason = ray_missing_reason()
+        if reason:
+            print(f"Ray part skipped: {reason}")
+        else:
+            results["ray_1_node"] = measure_ray(args, 1)
+            results["ray_2_nodes"] = measure_ray(args, 2)
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def report(r: dict) -> None:
+    stages = r["single"]["stage_seconds_per_image"]
+    slowest = max(stages, key=stages.get)
+    print("\nstage (single process, 1 thread)   s/image   images/s")
+    for name, sec in stages.items():
+        print(f"  {name:<32} {sec:8.3f} {1 / sec if sec else float('inf'):10.2f}")
+    pipe = r["single"]["pipeline_images_per_s"]
+    serial = 1 / sum(stages.values())
+    print(f"  pipeline (run_everything + sink)          {pipe:10.2f}")
+    print(f"pipeline / slowest stage ({slowest}): {pipe * stages[slowest]:.2f}× (target ≥ 0.9×); "
+          f"pipeline / serial sum of stages: {pipe / serial:.2f}×")
+    print("\nrun                                end-to-end img/s   steady img/s")
+    print(f"  single-process command (no previews) {r['command_images_per_s']:10.3f}")
+    print(f"  single-process command (previews)    {r['command_with_previews_images_per_s']:10.3f}")
+    for name in ("ray_1_node", "ray_2_nodes"):
+        if name in r:
+            x = r[name]
+            print(f"  Ray, {name[4]} worker node(s) (previews)  {x['end_to_end_images_per_s']:10.3f} "
+                  f"{x['steady_images_per_s']:14.3f}   (first image after {x['first_image_after_s']:.1f} s; "
+                  f"{x['failed']} failed, {x['duplicates']} duplicates)")
+    if "ray_2_nodes" in r:
+        one, two = r["ray_1_node"], r["ray_2_nodes"]
+        print(f"Ray two nodes / one node: steady {two['steady_images_per_s'] / one['steady_images_per_s']:.2f}×, "
+              f"end to end {two['end_to_end_images_per_s'] / one['end_to_end_images_per_s']:.2f}× (target ≥ 1.7×)")
+        print(f"Ray one node / single-process command (previews), end to end: "
+              f"{one['end_to_end_images_per_s'] / r['command_with_previews_images_per_s']:.2f}×")
+    seconds_per_1000 = 1000 / r["command_images_per_s"]
+    print(f"\ncost: {seconds_per_1000 / 3600:.2f} core-hours per 1000 images (single-process command, one core)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
