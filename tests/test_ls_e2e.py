@@ -342,10 +342,16 @@ def test_ls_prelabel_pushes_no_empty_prediction_and_retries_such_tasks(label_stu
     pid, tasks = _project(ls, "tinysam-prelabel-empty", 2)
     argv = ["ls-prelabel", "--project", str(pid), "--url", str(ls.base_url).rstrip("/"), "--api-key", TOKEN,
             "--model", backend.settings.model, "--no-progress", "--points-per-side", "8", "--pred-iou-thresh", "5"]
-    for _ in range(2):  # nothing found: nothing pushed, and the next run tries the same tasks again
-        assert _run_cli(argv) == 0
-        assert f"0 predicted, {len(tasks)} with no region (not pushed), 0 already done" in capsys.readouterr().out
+    assert _run_cli(argv) == 0  # nothing found: nothing pushed
+    out, err = capsys.readouterr()
+    assert f"0 predicted, {len(tasks)} with no region (not pushed), 0 already done" in out
     assert ls.get("/api/predictions", params={"project": pid}).raise_for_status().json() == []
+    # an empty prediction of this very model_version (e.g. stored by another tool) does not make a task done
+    version = err.split("model_version ")[1].split()[0]
+    ls.post("/api/predictions", json={"task": tasks[0]["id"], "result": [], "model_version": version}
+            ).raise_for_status()
+    assert _run_cli(argv) == 0
+    assert f"0 predicted, {len(tasks)} with no region (not pushed), 0 already done" in capsys.readouterr().out
 
 
 def test_ls_prelabel_reports_a_bad_project(label_studio, backend_server):

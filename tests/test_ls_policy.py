@@ -107,6 +107,7 @@ def test_serve_ls_offline_falls_back_to_the_demo_model_and_says_why(tmp_path):
     assert health["model"] == "demo" and health["model_requested"] == "auto"
     assert "demo" in health["model_note"] and "TINYSAM_OFFLINE" in health["model_note"]
     assert health["model_version"].startswith("tinysam-demo-")
+    assert health["everything"]["pred_iou_thresh"] == policy.registered_everything_params("demo")["pred_iou_thresh"]
     assert health["model_note"] in log
 
 

@@ -87,6 +87,7 @@ class HealthResponse(BaseModel):
     model: str | None = Field(None, description="the model serving (what `auto` resolved to)")
     model_requested: str | None = None
     model_note: str | None = Field(None, description="why another model than requested is serving, if it is")
+    everything: dict[str, Any] | None = Field(None, description="the batch (everything-mode) settings in use")
 
 
 class VersionsResponse(BaseModel):
