@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "tinysam_kit"
 # Lowest first. A module may import its own layer and those below it, never one above.
 LAYERS = (
-    ("data",),
+    ("version", "data"),
     ("models",),
     ("runtime",),
     ("inference",),

@@ -10,18 +10,12 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("tinysam-kit")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
-
-from tinysam_kit.data.images import ImageError  # noqa: E402
-from tinysam_kit.inference.everything import generate_everything  # noqa: E402
-from tinysam_kit.inference.policy import EngineOptions, resolve_model  # noqa: E402
-from tinysam_kit.inference.predictor import PromptError, TinySamPredictor  # noqa: E402
-from tinysam_kit.models.registry import MODELS, load_model  # noqa: E402
+from tinysam_kit.data.images import ImageError
+from tinysam_kit.inference.everything import generate_everything
+from tinysam_kit.inference.policy import EngineOptions, resolve_model
+from tinysam_kit.inference.predictor import PromptError, TinySamPredictor
+from tinysam_kit.models.registry import MODELS, load_model
+from tinysam_kit.version import __version__
 
 
 def list_models() -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import sys
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinysam_kit.integrations.labelstudio.backend import BadRequest, TinySamBackend
 from tinysam_kit.integrations.labelstudio.settings import BackendSettings
+from tinysam_kit.version import __version__
 
 log = logging.getLogger("tinysam_kit.integrations.labelstudio")
 
@@ -161,11 +161,6 @@ class _TooLarge(Exception):
     pass
 
 
-def package_version() -> str:
-    """`tinysam_kit.__version__`, the package's one version. The package root is imported before any of its
-    modules, so it is read from there (the layer rules keep modules from importing the root)."""
-    return sys.modules[__name__.split(".", 1)[0]].__version__
-
 
 def refused(method: str, path: str, status: int, reason: str) -> None:
     """Every 4xx answer's reason goes to the log, where Label Studio's error messages send users."""
@@ -196,7 +191,7 @@ def create_app(settings: BackendSettings | None = None, backend: TinySamBackend 
         if owns_backend:  # a backend passed in is shared; whoever made it closes it
             backend.close()
 
-    app = FastAPI(title="TinySAM Label Studio ML backend", version=package_version(), lifespan=lifespan,
+    app = FastAPI(title="TinySAM Label Studio ML backend", version=__version__, lifespan=lifespan,
                   description="Smart keypoint/rectangle clicks answered with brush masks; batch pre-labelling.")
     if settings.max_request_bytes:
         app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
