@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,16 @@ LS_PAYLOADS = SHARED / "ls_payloads"
 
 # image sizes of the files named in the captured payloads (from the stored answers' original_width/height)
 PAYLOAD_IMAGE_SIZES = {"upload_c.png": (512, 384), "scene_a.png": (640, 480), "scene_b.jpg": (800, 600)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_embedding_store(tmp_path_factory):
+    """An embedding store of the test module's own (TINYSAM_EMBEDDING_STORE), for the backends made in it and the
+    processes it starts: nothing is read from or left in the user's store. Autouse where imported."""
+    folder = tmp_path_factory.mktemp("embeddings")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYSAM_EMBEDDING_STORE", str(folder))
+        yield folder
 
 
 def free_port() -> int:

@@ -14,7 +14,15 @@ import time
 import httpx
 import numpy as np
 import pytest
-from labelstudio_helpers import UvicornThread, encode_image, free_port, ls_python, ls_venv, synthetic_image
+from labelstudio_helpers import (
+    UvicornThread,
+    encode_image,
+    free_port,
+    ls_python,
+    ls_venv,
+    private_embedding_store,  # noqa: F401 - autouse: a store of this module's own
+    synthetic_image,
+)
 
 from tinysam_kit.inference.encodings.labelstudio import rle_to_mask
 

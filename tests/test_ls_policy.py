@@ -17,7 +17,15 @@ import time
 import httpx
 import numpy as np
 import pytest
-from labelstudio_helpers import REPO, FakeLabelStudio, UvicornThread, encode_image, free_port, synthetic_image
+from labelstudio_helpers import (
+    REPO,
+    FakeLabelStudio,
+    UvicornThread,
+    encode_image,
+    free_port,
+    private_embedding_store,  # noqa: F401 - autouse: a store of this module's own
+    synthetic_image,
+)
 
 from tinysam_kit.inference import policy
 from tinysam_kit.inference.encodings.labelstudio import rle_to_mask

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from labelstudio_helpers import FakeLabelStudio, UvicornThread, encode_image, synthetic_image
+from labelstudio_helpers import (
+    FakeLabelStudio,
+    UvicornThread,
+    encode_image,
+    private_embedding_store,  # noqa: F401 - autouse: a store of this module's own
+    synthetic_image,
+)
 
 from tinysam_kit.inference.encodings.polygons import MIN_PART_AREA, mask_to_parts, polygons_to_mask
 from tinysam_kit.integrations.labelstudio import BackendSettings, create_app

@@ -15,6 +15,7 @@ from labelstudio_helpers import (
     UvicornThread,
     encode_image,
     make_jwt,
+    private_embedding_store,  # noqa: F401 - autouse: a store of this module's own
     synthetic_image,
 )
 

@@ -7,7 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from labelstudio_helpers import LS_PAYLOADS, FakeLabelStudio, image_size_for, load_payloads, payload_images
+from labelstudio_helpers import (
+    LS_PAYLOADS,
+    FakeLabelStudio,
+    image_size_for,
+    load_payloads,
+    payload_images,
+    private_embedding_store,  # noqa: F401 - autouse: a store of this module's own
+)
 
 from tinysam_kit.inference.encodings.labelstudio import rle_to_mask
 

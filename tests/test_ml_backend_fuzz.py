@@ -11,7 +11,13 @@ import json
 import random
 
 import pytest
-from labelstudio_helpers import FakeLabelStudio, UvicornThread, encode_image, synthetic_image
+from labelstudio_helpers import (
+    FakeLabelStudio,
+    UvicornThread,
+    encode_image,
+    private_embedding_store,  # noqa: F401 - autouse: a store of this module's own
+    synthetic_image,
+)
 
 ITERATIONS = 400
 SEED = 20261122

@@ -61,7 +61,7 @@ def register(subparsers) -> None:
     serve.set_defaults(func=serve_ls)
 
     pre = subparsers.add_parser(
-        "ls-prelabel", help="pre-label every task of a Label Studio project (resumable)",
+        "ls-prelabel", help="pre-label every task of a Label Studio project, or only pre-encode its images (resumable)",
         description="Run everything-mode on each task of a project and push the regions (brush masks or polygons) "
                     "as predictions. Tasks that already have a non-empty prediction of the same model_version "
                     "(model and settings) are skipped, so an interrupted run resumes when started again.")
@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     pre.add_argument("--page-size", type=int, default=50)
     pre.add_argument("--limit", type=int, help="stop after this many tasks")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.add_argument("--embeddings-only", action="store_true",
+                     help="only encode the tasks' images into the embedding store (TINYSAM_EMBEDDING_STORE), so "
+                          "the first click on each task is fast; predicts nothing; skips images stored already")
     _model_args(pre)
     _batch_args(pre)
     pre.set_defaults(func=ls_prelabel)
@@ -101,7 +104,12 @@ def ls_prelabel(args) -> int:
     import sys
 
     from tinysam_kit.integrations.labelstudio.backend import TinySamBackend
-    from tinysam_kit.integrations.labelstudio.prelabel import LabelStudioAPIError, LabelStudioClient, prelabel_project
+    from tinysam_kit.integrations.labelstudio.prelabel import (
+        LabelStudioAPIError,
+        LabelStudioClient,
+        prelabel_project,
+        warm_embeddings,
+    )
     from tinysam_kit.integrations.labelstudio.settings import SettingsError
 
     try:
@@ -115,8 +123,12 @@ def ls_prelabel(args) -> int:
         print(f"note: {backend.model_choice.note}", file=sys.stderr)
     print(f"model_version {backend.model_version}", file=sys.stderr)
     try:
-        stats = prelabel_project(backend, client, args.project, page_size=args.page_size, limit=args.limit,
-                                 progress=not args.no_progress)
+        if args.embeddings_only:
+            warm = warm_embeddings(backend, client, args.project, page_size=args.page_size, limit=args.limit,
+                                   progress=not args.no_progress)
+        else:
+            stats = prelabel_project(backend, client, args.project, page_size=args.page_size, limit=args.limit,
+                                     progress=not args.no_progress)
     except LabelStudioAPIError as exc:
         print(f"tinysam ls-prelabel: {exc}", file=sys.stderr)
         return 1
@@ -126,8 +138,14 @@ def ls_prelabel(args) -> int:
     finally:
         backend.close()
         client.close()
-    print(f"project {args.project}: {stats.predicted} predicted, {stats.empty} with no region (not pushed), "
-          f"{stats.skipped} already done, {stats.failed} failed, {stats.regions} regions in {stats.seconds:.1f} s")
-    for line in stats.errors[:20]:
+    if args.embeddings_only:
+        print(f"project {args.project}: {warm.tasks} tasks, {warm.encoded} images encoded, {warm.stored} already "
+              f"stored, {warm.failed} failed in {warm.seconds:.1f} s (store {backend.predictor.store.root})")
+        errors, failed = warm.errors, warm.failed
+    else:
+        print(f"project {args.project}: {stats.predicted} predicted, {stats.empty} with no region (not pushed), "
+              f"{stats.skipped} already done, {stats.failed} failed, {stats.regions} regions in {stats.seconds:.1f} s")
+        errors, failed = stats.errors, stats.failed
+    for line in errors[:20]:
         print(f"  {line}", file=sys.stderr)
-    return 1 if stats.failed else 0
+    return 1 if failed else 0

@@ -88,6 +88,8 @@ class HealthResponse(BaseModel):
     model_requested: str | None = None
     model_note: str | None = Field(None, description="why another model than requested is serving, if it is")
     everything: dict[str, Any] | None = Field(None, description="the batch (everything-mode) settings in use")
+    embeddings: dict[str, Any] | None = Field(
+        None, description="the embedding store in use, encoder runs, and the background encoder's counters")
 
 
 class VersionsResponse(BaseModel):
@@ -257,15 +259,38 @@ def create_app(settings: BackendSettings | None = None, backend: TinySamBackend 
         answer = await run_in_threadpool(backend.predict, body.tasks, label_config, context)
         return prebuilt_json(answer)
 
-    @app.post("/webhook", summary="accepts every Label Studio event; this model does not train")
-    async def webhook(request: Request) -> dict:
+    def webhook_config(payload: dict) -> str | None:
+        """The labeling config of a webhook's project: in the payload, else the one /setup received."""
+        project = payload.get("project")
+        if isinstance(project, dict):
+            if isinstance(project.get("label_config"), str) and project["label_config"]:
+                return project["label_config"]
+            project = project.get("id")
+        prefix = f"{project}."
+        return next((config for name, config in schemas.items() if name == str(project) or name.startswith(prefix)),
+                    None)
+
+    @app.post("/webhook", summary="TASKS_CREATED queues the new tasks' images for background encoding; other "
+                                  "events are acknowledged (this model does not train)")
+    async def webhook(request: Request, credentials: HTTPBasicCredentials | None = Depends(security)) -> dict:
         try:
             payload = json.loads(await request.body() or b"null")
         except ValueError:
             payload = None
         action = payload.get("action") if isinstance(payload, dict) else None
-        return {"status": "ok", "action": action if isinstance(action, str) else None,
-                "detail": "event received; TinySAM is not trained from annotations"}
+        action = action if isinstance(action, str) else None
+        if action != "TASKS_CREATED":
+            return {"status": "ok", "action": action, "queued": 0,
+                    "detail": "event received; TinySAM is not trained from annotations"}
+        # Work is only queued for a caller that passes basic auth (when it is on): add the Authorization header
+        # to the backend's webhook in Label Studio's project settings.
+        check_auth(credentials)
+        label_config = webhook_config(payload)
+        if not label_config:
+            raise BadRequest("TASKS_CREATED without the project's label_config, and no /setup was received for it")
+        queued = backend.preencode(payload.get("tasks"), label_config)  # string work only: answers at once
+        return {"status": "ok", "action": action, "queued": queued,
+                "detail": f"{queued} image(s) queued for background encoding"}
 
     @app.get("/versions", response_model=VersionsResponse, dependencies=[Depends(check_auth)])
     def versions() -> dict:

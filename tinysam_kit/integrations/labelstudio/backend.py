@@ -29,6 +29,7 @@ from tinysam_kit.integrations.labelstudio.label_config import (
     LabelConfigError,
     parse_label_config,
 )
+from tinysam_kit.integrations.labelstudio.preencode import BackgroundEncoder
 from tinysam_kit.integrations.labelstudio.settings import BackendSettings
 
 log = logging.getLogger("tinysam_kit.integrations.labelstudio")
@@ -326,7 +327,9 @@ class TinySamBackend:
                  fetcher: ImageFetcher | None = None) -> None:
         self.settings = settings
         if predictor is None:
-            predictor = TinySamPredictor.from_options(settings.engine_options(), cache_bytes=settings.cache_bytes)
+            # the shared store: embeddings survive restarts and are shared with `ls-prelabel` and other processes
+            predictor = TinySamPredictor.from_options(settings.engine_options(), cache_bytes=settings.cache_bytes,
+                                                      store=policy.embedding_store())
         self.predictor = predictor
         self.model_choice = predictor.model_choice
         if self.model_choice.note:
@@ -336,7 +339,8 @@ class TinySamBackend:
             local_files_root=settings.local_files_root, max_bytes=settings.max_image_bytes,
             timeout=settings.fetch_timeout)
         self.gate = ModelGate()
-        self.counters = {"interactive": 0, "batch_tasks": 0, "errors": 0}
+        self.counters = {"interactive": 0, "batch_tasks": 0, "errors": 0, "encoder_runs": 0}
+        self.preencoder = BackgroundEncoder(self, settings.preencode_queue)
         self.everything_params = policy.everything_params(predictor.model_name, settings.everything_explicit(),
                                                           prelabel=True)
         self.run_params = {**self.everything_params, "mode": settings.everything_mode,
@@ -349,11 +353,16 @@ class TinySamBackend:
                  predictor.model_version, self.model_version, self.run_params)
 
     def describe(self) -> dict:
-        """The model actually serving, and why (for /health)."""
+        """The model actually serving, and why, and the embedding counters (for /health)."""
+        store = self.predictor.store
         return {"model": self.predictor.model_name, "model_requested": self.model_choice.requested,
-                "model_note": self.model_choice.note, "everything": self.run_params}
+                "model_note": self.model_choice.note, "everything": self.run_params,
+                "embeddings": {"store": str(store.root) if store is not None else None,
+                               "encoder_runs": self.counters["encoder_runs"],
+                               "background": self.preencoder.describe()}}
 
     def close(self) -> None:
+        self.preencoder.close()
         self.fetcher.close()
 
     # ------------------------------------------------------------------ setup
@@ -386,19 +395,54 @@ class TinySamBackend:
             raise BadRequest(f"task {task.get('id')!r} data has no {key!r} field (the <Image value=\"${key}\">)")
         return data[key]
 
-    def _embedding(self, task: dict, url_value: str, interactive: bool) -> ImageEmbedding:
-        """Cached embedding of a task's image, keyed by its URL; fetch and encode only on a miss."""
+    def image_key(self, task: dict, url_value: str) -> str:
+        """The cache and store key of a task's image: its resolved URL (no download)."""
         try:
-            key = self.fetcher.resolve(url_value, task.get("id"))
+            return self.fetcher.resolve(url_value, task.get("id"))
         except ImageFetchError as exc:
             raise BadRequest(str(exc), exc.status_code) from exc
-        cached = self.predictor.cached(key)  # no download for an image whose embedding is cached
+
+    def _embedding(self, task: dict, url_value: str, interactive: bool) -> ImageEmbedding:
+        """Embedding of a task's image from memory or the store; fetch and encode only on a miss."""
+        key = self.image_key(task, url_value)
+        cached = self.predictor.cached(key)  # no download for an image whose embedding is cached or stored
         if cached is not None:
             return cached
-        image = self.load_task_image(task, url_value)
+        return self._encode(self.load_task_image(task, url_value), key, interactive)
+
+    def _encode(self, image: np.ndarray, key: str, interactive: bool) -> ImageEmbedding:
         with self.gate.hold(interactive):
-            # another request may have encoded the same image while this one was downloading it
-            return self.predictor.embed(image, key=key)
+            # another request (or the background encoder) may have encoded it while this one was downloading it
+            state = self.predictor.cached(key)
+            if state is None:
+                self.counters["encoder_runs"] += 1
+                state = self.predictor.embed(image, key=key)
+            return state
+
+    def store_embedding(self, task: dict, url_value: str) -> bool:
+        """Encode a task's image into the cache and the store unless it is there already, as batch work (a click
+        overtakes it). True when the encoder ran."""
+        key = self.image_key(task, url_value)
+        if self.predictor.has_embedding(key=key):
+            return False
+        image = self.load_task_image(task, url_value)
+        with self.gate.hold(False):
+            if self.predictor.has_embedding(key=key):
+                return False
+            self.counters["encoder_runs"] += 1
+            self.predictor.embed(image, key=key)
+            return True
+
+    def preencode(self, tasks: list, label_config: str) -> int:
+        """Queue the images of `tasks` (a TASKS_CREATED webhook, an opened task) for background encoding; returns
+        how many were queued. Answers at once: downloads and encoding happen in the worker thread."""
+        if not isinstance(tasks, list):
+            raise BadRequest("'tasks' must be a list of task objects")
+        try:
+            config = parse_label_config(label_config)
+        except LabelConfigError as exc:
+            raise BadRequest(str(exc)) from exc
+        return self.preencoder.submit(tasks, config)
 
     def load_task_image(self, task: dict, url_value: str) -> np.ndarray:
         try:
@@ -430,6 +474,9 @@ class TinySamBackend:
             # Label Studio only reads results[0] of an interactive answer: prompt the first task only.
             return {"results": [self.predict_interactive(tasks[0], config, prompt)],
                     "model_version": self.model_version}
+        # An opened task (or "Retrieve predictions"): its clicks will want the embedding, so it is encoded and
+        # stored in the background too, even when everything-mode fails or Label Studio stops waiting for it.
+        self.preencoder.submit(tasks, config)
         results = [self.predict_batch_task(task, config) for task in tasks]
         return {"results": results, "model_version": self.model_version}
 

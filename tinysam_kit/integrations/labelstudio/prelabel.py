@@ -5,6 +5,7 @@ already carry a non-empty prediction of the same `model_version` are skipped, so
 interruption continues where the last one stopped (at most the task in flight is recomputed). The
 `model_version` names the model and every batch setting, so a rerun with other settings predicts again.
 A task where nothing was found gets no prediction (an empty one would only hide it from the next run).
+`--embeddings-only` (`warm_embeddings`) only fills the embedding store, skipping images stored already.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import httpx
 
 from tinysam_kit.integrations.labelstudio.backend import BadRequest, TinySamBackend, batch_label
 from tinysam_kit.integrations.labelstudio.fetch import ImageFetchError, LabelStudioAuth
-from tinysam_kit.integrations.labelstudio.label_config import LabelConfigError, parse_label_config
+from tinysam_kit.integrations.labelstudio.label_config import LabelConfig, LabelConfigError, parse_label_config
 
 log = logging.getLogger("tinysam_kit.integrations.labelstudio.prelabel")
 
@@ -117,15 +118,33 @@ class PrelabelStats:
     errors: list[str] = field(default_factory=list)
 
 
+def _project_config(client: LabelStudioClient, project_id: int) -> LabelConfig:
+    project = client.project(project_id)
+    try:
+        return parse_label_config(project.get("label_config", ""))
+    except LabelConfigError as exc:
+        raise LabelStudioAPIError(f"project {project_id}: {exc}") from exc
+
+
+def _project_tasks(client: LabelStudioClient, project_id: int, page_size: int, limit: int | None,
+                   bar) -> Iterator[dict]:
+    """The project's tasks (at most `limit`), sizing the progress bar from the first page."""
+    seen = 0
+    for task, total in client.iter_tasks(project_id, page_size):
+        if bar.total is None and total:
+            bar.total = min(total, limit) if limit else total
+            bar.refresh()
+        if limit is not None and seen >= limit:
+            return
+        seen += 1
+        yield task
+
+
 def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project_id: int, *,
                      page_size: int = 50, limit: int | None = None, progress: bool = True) -> PrelabelStats:
     from tqdm import tqdm
 
-    project = client.project(project_id)
-    try:
-        config = parse_label_config(project.get("label_config", ""))
-    except LabelConfigError as exc:
-        raise LabelStudioAPIError(f"project {project_id}: {exc}") from exc
+    config = _project_config(client, project_id)
     try:
         batch_label(config.output_for(), backend.settings.batch_label)
     except BadRequest as exc:
@@ -135,12 +154,7 @@ def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project
     start = time.perf_counter()
     bar = tqdm(total=None, unit="task", desc=f"project {project_id}", disable=not progress)
     try:
-        for task, total in client.iter_tasks(project_id, page_size):
-            if bar.total is None and total:
-                bar.total = min(total, limit) if limit else total
-                bar.refresh()
-            if limit is not None and stats.seen >= limit:
-                break
+        for task in _project_tasks(client, project_id, page_size, limit, bar):
             stats.seen += 1
             if has_version(task, version):
                 stats.skipped += 1
@@ -159,6 +173,58 @@ def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project
                     log.warning("task %s: %s", task.get("id"), exc)
             bar.update(1)
             bar.set_postfix(predicted=stats.predicted, empty=stats.empty, skipped=stats.skipped, failed=stats.failed)
+    finally:
+        bar.close()
+        stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@dataclass
+class WarmStats:
+    tasks: int = 0
+    encoded: int = 0  # images encoded into the store by this run
+    stored: int = 0  # images whose embedding was stored already (skipped)
+    failed: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def warm_embeddings(backend: TinySamBackend, client: LabelStudioClient, project_id: int, *,
+                    page_size: int = 50, limit: int | None = None, progress: bool = True) -> WarmStats:
+    """Encode every task image of a project into the embedding store, predicting nothing (`--embeddings-only`).
+
+    Resumable: images already stored are skipped without a download. The store is the one the backend reads
+    (`policy.embedding_store()`), keyed by model and resolved image URL: warm with the same model and
+    LABEL_STUDIO_URL the backend uses.
+    """
+    from tqdm import tqdm
+
+    if backend.predictor.store is None:
+        raise LabelStudioAPIError("the embedding store is off (TINYSAM_EMBEDDING_STORE=off): --embeddings-only "
+                                  "has nowhere to keep the embeddings")
+    config = _project_config(client, project_id)
+    stats = WarmStats()
+    start = time.perf_counter()
+    bar = tqdm(total=None, unit="task", desc=f"project {project_id} embeddings", disable=not progress)
+    try:
+        for task in _project_tasks(client, project_id, page_size, limit, bar):
+            stats.tasks += 1
+            data = task.get("data") if isinstance(task.get("data"), dict) else {}
+            for image_name in config.images:
+                try:
+                    url_value = data.get(config.image_key(image_name))
+                    if not isinstance(url_value, str):
+                        raise BadRequest(f"no image in data field {config.image_key(image_name)!r}")
+                    if backend.store_embedding(task, url_value):
+                        stats.encoded += 1
+                    else:
+                        stats.stored += 1
+                except BadRequest as exc:
+                    stats.failed += 1
+                    stats.errors.append(f"task {task.get('id')}: {exc}")
+                    log.warning("task %s: %s", task.get("id"), exc)
+            bar.update(1)
+            bar.set_postfix(encoded=stats.encoded, stored=stats.stored, failed=stats.failed)
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - start

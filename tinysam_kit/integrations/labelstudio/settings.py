@@ -72,6 +72,8 @@ class BackendSettings:
     device: str = ENGINE_DEFAULTS.device
     threads: int | None = ENGINE_DEFAULTS.threads
     cache_bytes: int = 512 * 1024 * 1024
+    # Background encoding of new and opened tasks' images (0: off); the store is policy.embedding_store()
+    preencode_queue: int = 1000
     # Image fetching
     allowed_hosts: tuple[str, ...] = ()
     local_files_root: str = ""  # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/ from disk instead of HTTP
@@ -105,6 +107,7 @@ class BackendSettings:
             device=_raw(env, "TINYSAM_DEVICE") or None,
             threads=_int(env, "TINYSAM_THREADS", None) or None,
             cache_bytes=_int(env, "TINYSAM_CACHE_MB", 512, minimum=1) * 1024 * 1024,
+            preencode_queue=_int(env, "TINYSAM_PREENCODE_QUEUE", None),
             allowed_hosts=_list(env, "TINYSAM_ALLOWED_HOSTS"),
             local_files_root=_raw(env, "LOCAL_FILES_DOCUMENT_ROOT"),
             max_image_bytes=_int(env, "TINYSAM_MAX_IMAGE_MB", 64, minimum=1) * 1024 * 1024,
