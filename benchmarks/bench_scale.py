@@ -67,7 +67,13 @@ def measure_single(args) -> dict:
 
     from tinysam_kit.cli.common import list_images
     from tinysam_kit.data.images import load_image
-    from tinysam_kit.inference.batch import CocoFolderSink, PrelabelResult, coco_key, run_everything
+    from tinysam_kit.inference.batch import (
+        BackgroundWriter,
+        CocoFolderSink,
+        PrelabelResult,
+        coco_key,
+        run_everything,
+    )
     from tinysam_kit.inference.everything import EverythingGenerator
     from tinysam_kit.inference.policy import everything_params
     from tinysam_kit.inference.predictor import TinySamPredictor
@@ -89,38 +95,50 @@ def measure_single(args) -> dict:
             decode_seconds[0] += time.perf_counter() - t
 
     generator = EverythingGenerator(predictor, "hierarchical", output_mode="coco_rle", **params)
-    stages = dict.fromkeys(("read", "decode", "encode", "prompt_decode", "post_process", "write"), 0.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        sink = CocoFolderSink(tmp, src, info={"mode": "hierarchical", "params": params})
-        engine.decode = timed_decode
-        for path in images:
+
+    def stage_pass() -> dict:
+        stages = dict.fromkeys(("read", "decode", "encode", "prompt_decode", "post_process", "write"), 0.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            sink = CocoFolderSink(tmp, src, info={"mode": "hierarchical", "params": params})
+            engine.decode = timed_decode
+            for path in images:
+                t0 = time.perf_counter()
+                data = path.read_bytes()
+                t1 = time.perf_counter()
+                image = load_image(data)
+                t2 = time.perf_counter()
+                state = predictor.embed(image, cache=False)
+                t3 = time.perf_counter()
+                decode_seconds[0] = 0.0
+                records = generator.generate(image_embedding=state)
+                t4 = time.perf_counter()
+                sink.write(coco_key(path, src), PrelabelResult(path, records, None, *image.shape[:2],
+                                                               dict(generator.stats), predictor.model_version))
+                t5 = time.perf_counter()
+                stages["read"] += t1 - t0
+                stages["decode"] += t2 - t1
+                stages["encode"] += t3 - t2
+                stages["prompt_decode"] += decode_seconds[0]
+                stages["post_process"] += (t4 - t3) - decode_seconds[0]
+                stages["write"] += t5 - t4
+            engine.decode = plain_decode
+        return stages
+
+    def pipeline_pass() -> float:
+        """The command's own loop: prefetched decoding, inference, background writes (model loaded)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            sink = BackgroundWriter(CocoFolderSink(tmp, src, info={"mode": "hierarchical", "params": params}))
             t0 = time.perf_counter()
-            data = path.read_bytes()
-            t1 = time.perf_counter()
-            image = load_image(data)
-            t2 = time.perf_counter()
-            state = predictor.embed(image, cache=False)
-            t3 = time.perf_counter()
-            decode_seconds[0] = 0.0
-            records = generator.generate(image_embedding=state)
-            t4 = time.perf_counter()
-            sink.write(coco_key(path, src), PrelabelResult(path, records, None, *image.shape[:2],
-                                                           dict(generator.stats), predictor.model_version))
-            t5 = time.perf_counter()
-            stages["read"] += t1 - t0
-            stages["decode"] += t2 - t1
-            stages["encode"] += t3 - t2
-            stages["prompt_decode"] += decode_seconds[0]
-            stages["post_process"] += (t4 - t3) - decode_seconds[0]
-            stages["write"] += t5 - t4
-        engine.decode = plain_decode
-    with tempfile.TemporaryDirectory() as tmp:
-        # The command's own loop: prefetching decode, inference, sink writes (model already loaded).
-        sink = CocoFolderSink(tmp, src, info={"mode": "hierarchical", "params": params})
-        t0 = time.perf_counter()
-        for res in run_everything(predictor, images, output_mode="coco_rle", **params):
-            sink.write(coco_key(res.item, src), res)
-        pipeline = time.perf_counter() - t0
+            for res in run_everything(predictor, images, output_mode="coco_rle", **params):
+                sink.write(coco_key(res.item, src), res)
+            sink.flush()
+            return time.perf_counter() - t0
+
+    # Interleaved and best of two, so a burst of load from elsewhere hits neither side alone.
+    first_stages, first_pipeline = stage_pass(), pipeline_pass()
+    second_stages, second_pipeline = stage_pass(), pipeline_pass()
+    stages = {k: min(first_stages[k], second_stages[k]) for k in first_stages}
+    pipeline = min(first_pipeline, second_pipeline)
     n = len(images)
     return {"images": n, "stage_seconds_per_image": {k: v / n for k, v in stages.items()},
             "pipeline_images_per_s": n / pipeline}
@@ -226,9 +244,12 @@ def main() -> int:
                                  *model_args(args)], prefix=pin0)
         preview_s = run_command([TINYSAM, "everything", str(src), "--out", str(Path(tmp) / "cli_prev"),
                                  *model_args(args)], prefix=pin0)
+        default_s = run_command([TINYSAM, "everything", str(src), "--out", str(Path(tmp) / "cli_default"),
+                                 "--model", args.model, "--points-per-side", str(args.points_per_side)])
         results = {"cpu": cpu_name(), "images": args.images, "single": single,
                    "command_images_per_s": args.images / command_s,
-                   "command_with_previews_images_per_s": args.images / preview_s}
+                   "command_with_previews_images_per_s": args.images / preview_s,
+                   "command_default_threads_images_per_s": args.images / default_s}
         reason = ray_missing_reason()
         if reason:
             print(f"Ray part skipped: {reason}")
@@ -255,6 +276,8 @@ def report(r: dict) -> None:
     print("\nrun                                end-to-end img/s   steady img/s")
     print(f"  single-process command (no previews) {r['command_images_per_s']:10.3f}")
     print(f"  single-process command (previews)    {r['command_with_previews_images_per_s']:10.3f}")
+    print(f"  single-process command (previews, default threads, both cores) "
+          f"{r['command_default_threads_images_per_s']:10.3f}")
     for name in ("ray_1_node", "ray_2_nodes"):
         if name in r:
             x = r[name]

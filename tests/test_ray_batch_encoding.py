@@ -126,3 +126,30 @@ def test_ray_is_optional_and_its_absence_is_one_clear_line(tmp_path, tiny_random
     assert result.returncode == 2, result.stderr
     assert "pip install 'tinysam-kit[ray]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_background_writer_writes_everything_and_reports_errors():
+    from tinysam_kit.inference.batch import BackgroundWriter
+
+    class ListSink:
+        def __init__(self):
+            self.written = []
+
+        def done_keys(self):
+            return {k for k, _ in self.written}
+
+        def write(self, key, result):
+            if key == "bad":
+                raise OSError("disk full")
+            self.written.append((key, result))
+
+    sink = ListSink()
+    writer = BackgroundWriter(sink, depth=1)
+    for i in range(5):
+        writer.write(str(i), PrelabelResult(i, [], None))
+    writer.flush()
+    assert [k for k, _ in sink.written] == ["0", "1", "2", "3", "4"] and writer.done_keys() == set("01234")
+    failing = BackgroundWriter(ListSink())
+    failing.write("bad", PrelabelResult(0, [], None))
+    with pytest.raises(OSError, match="disk full"):
+        failing.close()

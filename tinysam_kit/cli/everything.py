@@ -37,7 +37,7 @@ def register(sub) -> None:
 def cmd_everything(args) -> int:
     from tqdm import tqdm
 
-    from tinysam_kit.inference.batch import CocoFolderSink, coco_key, run_everything
+    from tinysam_kit.inference.batch import BackgroundWriter, CocoFolderSink, coco_key, run_everything
     from tinysam_kit.inference.policy import everything_params
 
     source = Path(args.source)
@@ -65,17 +65,20 @@ def cmd_everything(args) -> int:
     if todo:
         predictor = make_predictor(args)
         params = everything_params(predictor.model_name, explicit, prelabel=True)
-        sink = CocoFolderSink(out_dir, root, info={"mode": mode, "params": params}, previews=not args.no_preview,
-                              order=keys)
+        sink = BackgroundWriter(CocoFolderSink(out_dir, root, info={"mode": mode, "params": params},
+                                               previews=not args.no_preview, order=keys))
         key_of = {p: k for k, p in todo}
         results = run_everything(predictor, [p for _, p in todo], mode=mode, output_mode="coco_rle",
                                  batch_size=args.batch_size, **params)
-        for res in tqdm(results, total=len(todo), unit="img", desc=f"everything ({mode})"):
-            if res.error is not None:
-                failures.append((res.item, res.error))
-                tqdm.write(f"skipped {res.item}: {res.error}", file=sys.stderr)
-                continue
-            sink.write(key_of[res.item], res)
+        try:
+            for res in tqdm(results, total=len(todo), unit="img", desc=f"everything ({mode})"):
+                if res.error is not None:
+                    failures.append((res.item, res.error))
+                    tqdm.write(f"skipped {res.item}: {res.error}", file=sys.stderr)
+                    continue
+                sink.write(key_of[res.item], res)
+        finally:
+            sink.flush()  # every finished image is on disk, even when the run is interrupted
     merged = (sink or CocoFolderSink(out_dir, root, order=keys)).close()
     return _report(merged, out_dir, failures)
 

@@ -149,6 +149,54 @@ class Sink(Protocol):
     def write(self, key: str, result: PrelabelResult) -> None: ...
 
 
+class BackgroundWriter:
+    """Runs a sink's writes in one background thread, so writing image i (JSON, preview) overlaps the
+    inference of image i+1. At most `depth` results wait; `close()` waits for them, re-raises the first write
+    error, then closes the sink. Order and exactly-once are the sink's: each key is still written once."""
+
+    def __init__(self, sink: Sink, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.sink = sink
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="tinysam-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    self.sink.write(*job)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller in write()/close()
+                    self._error = exc
+
+    def done_keys(self) -> set[str]:
+        return self.sink.done_keys()
+
+    def write(self, key: str, result: PrelabelResult) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((key, result))
+
+    def flush(self) -> None:
+        """Wait for every queued write; re-raise the first error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self):
+        self.flush()
+        close = getattr(self.sink, "close", None)
+        return close() if close is not None else None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write through a temporary file in the same folder and rename it into place: all or nothing."""
     tmp = path.with_name(path.name + ".tmp")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from tinysam_kit.data.images import load_image
-from tinysam_kit.inference.batch import PrelabelResult, Sink, everything_batch
+from tinysam_kit.inference.batch import BackgroundWriter, PrelabelResult, Sink, everything_batch
 from tinysam_kit.inference.policy import EngineOptions
 
 RAY_VERSION = "2.60.0"  # the release the tests run against (pyproject's `ray` extra pins it)
@@ -216,18 +216,20 @@ def run_everything_on_ray(items: Mapping[str, str] | Iterable[tuple[str, str]], 
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="everything (ray)", disable=not progress or not todo,
                file=sys.stderr)
+    writer = BackgroundWriter(sink)  # the driver writes image i while the next ones arrive
     try:
         for key, result in iter_everything_on_ray(todo, address=address, summary=summary, **pipeline):
             if result.error is not None:
                 summary.failures.append(Failure(key, str(result.item), result.error))
                 bar.write(f"skipped {result.item}: {result.error}", file=sys.stderr)
             else:
-                sink.write(key, result)
+                writer.write(key, result)
                 summary.written += 1
                 summary.masks += len(result.records)
             bar.update(1)
             bar.set_postfix(masks=summary.masks, failed=len(summary.failures), refresh=False)
     finally:
+        writer.flush()
         bar.close()
         summary.seconds = time.perf_counter() - start
     return summary
