@@ -7,7 +7,13 @@ click encodes it, then it sends smart-tool clicks (positive keypoint, ± keypoin
 back for --duration seconds. Prints click latency p50/p95/p99 as the client sees it, the server's own time
 (Server-Timing header), throughput and errors, for each annotator count.
 
+The "first click" table compares, in server time, the first click on a task whose embedding was pre-computed
+(a TASKS_CREATED webhook to one backend process, then the click to a fresh process with an empty memory
+cache, so the embedding comes from the shared store), a later click on the same task, and a first click on a
+task nothing pre-computed. Target: pre-computed first click <= 1.5x a later click.
+
     python benchmarks/bench_ls_load.py --annotators 1,8 --duration 15 --engine onnx --precision int8
+    python benchmarks/bench_ls_load.py --model demo --first-click-only
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import argparse
 import io
 import json
 import os
+import platform
 import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,10 +105,11 @@ def random_architecture_checkpoint() -> str:
     return str(path)
 
 
-def start_backend(args, label_studio_url: str, model: str) -> tuple[subprocess.Popen, str]:
+def start_backend(args, label_studio_url: str, model: str, **extra_env: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio_url, "TINYSAM_MODEL": model,
-           "TINYSAM_ENGINE": args.engine, "TINYSAM_PRECISION": args.precision, "TINYSAM_DEVICE": args.device}
+           "TINYSAM_ENGINE": args.engine, "TINYSAM_PRECISION": args.precision, "TINYSAM_DEVICE": args.device,
+           **extra_env}
     if args.threads:
         env["TINYSAM_THREADS"] = str(args.threads)
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory",
@@ -203,6 +212,99 @@ def run_load(url: str, annotators: int, duration: float, width: int, height: int
             "first_errors": errors[:3]}
 
 
+def stop_backend(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def first_click_images(n: int) -> list[str]:
+    """Task images of the first-click table: n pre-computed, n not, one for warming the process up."""
+    return ([f"/data/upload/first/pre{i}.png" for i in range(n)] + [f"/data/upload/first/none{i}.png" for i in range(n)]
+            + ["/data/upload/first/warmup.png"])
+
+
+def fixed_click(task_id: int, image: str, width: int, height: int) -> dict:
+    """The same single positive keypoint for every timed click, so only the embedding's origin differs."""
+    region = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": True,
+              "original_width": width, "original_height": height,
+              "value": {"x": 37.0, "y": 41.0, "width": 0.5, "keypointlabels": ["Object"]}}
+    return {"tasks": [{"id": task_id, "data": {"image": image}}], "label_config": CONFIG, "project": "1.1",
+            "params": {"context": {"result": [region]}}}
+
+
+def server_ms(client: httpx.Client, body: dict) -> float:
+    resp = client.post("/predict", json=body)
+    if resp.status_code != 200 or not resp.json()["results"][0]["result"]:
+        raise SystemExit(f"click failed: {resp.status_code}: {resp.text[:300]}")
+    return float(resp.headers["server-timing"].split("dur=")[1].split(",")[0])
+
+
+def encoder_runs(client: httpx.Client) -> int:
+    return int(client.get("/health").json()["embeddings"]["encoder_runs"])
+
+
+def run_first_click(args, label_studio_url: str, model: str, n: int, width: int, height: int) -> dict:
+    """Server ms (medians over n tasks) of a pre-computed first click, a later click and a first click on a
+    task nothing pre-computed, in a fresh backend process (empty memory cache) after two warm-up clicks."""
+    images = first_click_images(n)
+    pre, none, warmup = images[:n], images[n:2 * n], images[-1]
+    with tempfile.TemporaryDirectory(prefix="tinysam-bench-store-") as store:
+        env = {"TINYSAM_EMBEDDING_STORE": store}
+        # 1. Label Studio announces the new tasks: this process encodes them in the background, into the store
+        proc, url = start_backend(args, label_studio_url, model, **env)
+        try:
+            with httpx.Client(base_url=url, timeout=300) as client:
+                tasks = [{"id": 1000 + i, "data": {"image": image}} for i, image in enumerate(pre)]
+                client.post("/webhook", json={"action": "TASKS_CREATED", "tasks": tasks,
+                                              "project": {"id": 1, "label_config": CONFIG}}).raise_for_status()
+                deadline = time.time() + args.startup_timeout
+                while True:
+                    background = client.get("/health").json()["embeddings"]["background"]
+                    if background["pending"] == 0:
+                        break
+                    if time.time() > deadline:
+                        raise SystemExit(f"background encoding did not finish: {background}")
+                    time.sleep(0.1)
+                if background["encoded"] != n:
+                    raise SystemExit(f"background encoding stored {background['encoded']} of {n} images: {background}")
+        finally:
+            stop_backend(proc)
+        # 2. a fresh process: nothing in memory, the pre-computed embeddings in the store
+        proc, url = start_backend(args, label_studio_url, model, **env)
+        try:
+            with httpx.Client(base_url=url, timeout=300) as client:
+                for _ in range(2):  # one-time costs (first encoder and decoder calls) are not first-click costs
+                    server_ms(client, fixed_click(1, warmup, width, height))
+                runs = encoder_runs(client)
+                first, later = [], []
+                for i, image in enumerate(pre):
+                    first.append(server_ms(client, fixed_click(1000 + i, image, width, height)))
+                    later.append(float(np.median([server_ms(client, fixed_click(1000 + i, image, width, height))
+                                                  for _ in range(3)])))
+                if encoder_runs(client) != runs:
+                    raise SystemExit("a pre-computed first click ran the encoder")
+                cold = [server_ms(client, fixed_click(2000 + i, image, width, height)) for i, image in enumerate(none)]
+        finally:
+            stop_backend(proc)
+    first_ms, later_ms, cold_ms = (float(np.median(v)) for v in (first, later, cold))
+    return {"tasks": n, "first_precomputed_ms": first_ms, "later_ms": later_ms, "first_not_precomputed_ms": cold_ms,
+            "precomputed_ratio": first_ms / later_ms, "not_precomputed_ratio": cold_ms / later_ms}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def rle_timing(repeats: int = 5) -> tuple[float, float]:
     """Median ms to encode / decode a 12-megapixel (4000×3000) mask in Label Studio's brush RLE."""
     from tinysam_kit.inference.encodings.labelstudio import mask_to_rle, rle_to_mask
@@ -238,6 +340,9 @@ def main(argv=None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for the backend")
     parser.add_argument("--json", action="store_true", help="print one JSON line per run")
     parser.add_argument("--rle-only", action="store_true", help="only time the brush RLE on a 12-MP mask")
+    parser.add_argument("--first-click-tasks", type=int, default=8,
+                        help="tasks of the first-click table (0: skip it)")
+    parser.add_argument("--first-click-only", action="store_true", help="only the first-click table")
     args = parser.parse_args(argv)
     enc_ms, dec_ms = rle_timing()
     print(f"brush RLE, 12-MP mask: encode {enc_ms:.1f} ms, decode {dec_ms:.1f} ms (median of 5)")
@@ -247,20 +352,36 @@ def main(argv=None) -> int:
     counts = [int(c) for c in args.annotators.split(",") if c.strip()]
 
     images = {f"/data/upload/bench/{n}.png": make_image(width, height, n) for n in range(max(counts))}
+    images.update({path: make_image(width, height, 100 + n)
+                   for n, path in enumerate(first_click_images(args.first_click_tasks))})
     image_server = ImageServer(images)
     proc = None
     try:
+        url = model = None
         if args.url:
             url = args.url.rstrip("/")
-        else:
-            if args.model == "random":
-                model = random_architecture_checkpoint()
-            elif args.model == "proxy":
-                from latency_proxy import latency_proxy_checkpoint
+        elif args.model == "random":
+            model = random_architecture_checkpoint()
+        elif args.model == "proxy":
+            from latency_proxy import latency_proxy_checkpoint
 
-                model = latency_proxy_checkpoint()
-            else:
-                model = args.model
+            model = latency_proxy_checkpoint()
+        else:
+            model = args.model
+        print(f"CPU {cpu_name()}")
+        if args.first_click_tasks and not args.url:
+            r = run_first_click(args, image_server.url, model, args.first_click_tasks, width, height)
+            if args.json:
+                print(json.dumps(r))
+            print(f"first click, server ms (median of {r['tasks']} tasks; fresh process, warmed up, images "
+                  f"{width}x{height}):")
+            print(f"{'pre-computed first':>18} {'later':>8} {'not pre-computed first':>22} {'pre/later':>9} "
+                  f"{'not/later':>9}")
+            print(f"{r['first_precomputed_ms']:>18.1f} {r['later_ms']:>8.1f} {r['first_not_precomputed_ms']:>22.1f} "
+                  f"{r['precomputed_ratio']:>9.2f} {r['not_precomputed_ratio']:>9.2f}   (target pre/later <= 1.5)")
+        if args.first_click_only:
+            return 0
+        if not args.url:
             proc, url = start_backend(args, image_server.url, model)
         version = httpx.get(url + "/versions", timeout=10).json()["versions"][0]
         print(f"backend {url}  model_version {version}  images {width}x{height}  duration {args.duration:g}s")
@@ -277,11 +398,7 @@ def main(argv=None) -> int:
                 print(f"    error: {e}")
     finally:
         if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_backend(proc)
         image_server.close()
     return 0
 

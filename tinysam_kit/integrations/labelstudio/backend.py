@@ -340,7 +340,7 @@ class TinySamBackend:
             timeout=settings.fetch_timeout)
         self.gate = ModelGate()
         self.counters = {"interactive": 0, "batch_tasks": 0, "errors": 0, "encoder_runs": 0}
-        self.preencoder = BackgroundEncoder(self, settings.preencode_queue)
+        self.preencoder = BackgroundEncoder(self.image_key, self.store_embedding, settings.preencode_queue)
         self.everything_params = policy.everything_params(predictor.model_name, settings.everything_explicit(),
                                                           prelabel=True)
         self.run_params = {**self.everything_params, "mode": settings.everything_mode,

@@ -11,13 +11,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from tinysam_kit.integrations.labelstudio.label_config import LabelConfig
-
-if TYPE_CHECKING:
-    from tinysam_kit.integrations.labelstudio.backend import TinySamBackend
 
 log = logging.getLogger("tinysam_kit.integrations.labelstudio")
 
@@ -36,8 +33,13 @@ class BackgroundEncoder:
     the queue is full further images are dropped with a log line (their first click encodes them instead).
     """
 
-    def __init__(self, backend: TinySamBackend, max_pending: int) -> None:
-        self.backend = backend
+    def __init__(self, image_key: Callable[[dict, str], str], store_embedding: Callable[[dict, str], bool],
+                 max_pending: int) -> None:
+        """`image_key(task, url_value)`: the image's cache key, no I/O (raises ValueError for a reference that
+        cannot be fetched); `store_embedding(task, url_value)`: fetch and encode unless embedded, True when the
+        encoder ran (the backend's methods of those names)."""
+        self.image_key = image_key
+        self.store_embedding = store_embedding
         self.max_pending = int(max_pending)
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max(self.max_pending, 1))
         self._pending: set[str] = set()
@@ -70,7 +72,7 @@ class BackgroundEncoder:
                 if not isinstance(url_value, str):
                     continue
                 try:
-                    key = self.backend.image_key(task, url_value)
+                    key = self.image_key(task, url_value)
                 except ValueError as exc:  # BadRequest: a reference the fetcher would refuse
                     log.warning("pre-encoding task %s: %s", task.get("id"), exc)
                     with self._lock:
@@ -107,7 +109,7 @@ class BackgroundEncoder:
             if job is None:
                 return
             try:
-                encoded = self.backend.store_embedding(job.task, job.url_value)
+                encoded = self.store_embedding(job.task, job.url_value)
                 outcome = "encoded" if encoded else "already_embedded"
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the worker
                 log.warning("pre-encoding task %s (%s): %s", job.task.get("id"), job.url_value[:200], exc)
