@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run on a Ray cluster: 'auto' (the cluster Ray finds) or HOST:PORT; needs the ray extra")
     p.add_argument("--ray-actors", type=int, metavar="N",
-                   help="with --ray: at most N model actors (default: one per GPU, else one per --threads CPUs)")
+                   help="with --ray: grow the model-actor pool up to N as an autoscaling cluster adds nodes "
+                        "(default: as many as the cluster holds now: one per GPU, else one per --threads CPUs)")
     add_model_arguments(p)
     p.set_defaults(func=cmd_everything)
 
