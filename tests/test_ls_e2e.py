@@ -367,3 +367,44 @@ def test_ls_prelabel_reports_a_bad_project(label_studio, backend_server):
     code = _run_cli(["ls-prelabel", "--project", "99999", "--url", str(label_studio.base_url).rstrip("/"),
                      "--api-key", TOKEN, "--model", backend.settings.model, "--no-progress"])
     assert code == 1
+
+
+def test_embeddings_only_and_the_tasks_created_webhook_make_first_clicks_encoder_free(label_studio, backend_server,
+                                                                                      capsys):
+    """`ls-prelabel --embeddings-only` warms a project's store (resumable, predicting nothing); Label Studio's own
+    TASKS_CREATED webhook has the backend encode newly imported tasks; first clicks on both run no encoder."""
+    ls = label_studio
+    server, backend = backend_server
+    pid, tasks = _project(ls, "tinysam-embeddings", 2)
+    argv = ["ls-prelabel", "--embeddings-only", "--project", str(pid), "--url", str(ls.base_url).rstrip("/"),
+            "--api-key", TOKEN, "--model", backend.settings.model, "--no-progress"]
+    assert _run_cli(argv + ["--limit", "1"]) == 0
+    assert "1 tasks, 1 images encoded, 0 already stored, 0 failed" in capsys.readouterr().out
+    assert _run_cli(argv) == 0  # resumes: only the second image is encoded
+    assert "2 tasks, 1 images encoded, 1 already stored, 0 failed" in capsys.readouterr().out
+    assert ls.get("/api/predictions", params={"project": pid}).raise_for_status().json() == []
+
+    ml = ls.post("/api/ml", json={"url": server.url, "project": pid, "title": "TinySAM",
+                                  "is_interactive": True}).raise_for_status().json()
+    w, h = SIZES[1]
+    runs = backend.counters["encoder_runs"]
+    resp = ls.post(f"/api/ml/{ml['id']}/interactive-annotating",
+                   json={"task": tasks[1]["id"], "context": {"result": [_kp(50, 50, True, w, h)]}})
+    assert resp.raise_for_status().json()["data"]["result"]
+    assert backend.counters["encoder_runs"] == runs, "the warmed task's first click ran the encoder"
+
+    # an import into the connected project: Label Studio's webhook queues the new image
+    encoded = backend.preencoder.describe()["encoded"]
+    files = [("file", ("new.png", encode_image(synthetic_image(*SIZES[2], seed=7)), "image/png"))]
+    ls.post(f"/api/projects/{pid}/import", files=files).raise_for_status()
+    deadline = time.time() + 30
+    while backend.preencoder.describe()["encoded"] == encoded:
+        assert time.time() < deadline, f"no background encoding after the import: {backend.preencoder.describe()}"
+        time.sleep(0.1)
+    new = max(ls.get("/api/tasks", params={"project": pid}).json()["tasks"], key=lambda t: t["id"])
+    runs = backend.counters["encoder_runs"]
+    w, h = SIZES[2]
+    resp = ls.post(f"/api/ml/{ml['id']}/interactive-annotating",
+                   json={"task": new["id"], "context": {"result": [_kp(40, 60, True, w, h)]}})
+    assert resp.raise_for_status().json()["data"]["result"]
+    assert backend.counters["encoder_runs"] == runs, "the imported task's first click ran the encoder"

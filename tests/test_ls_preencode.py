@@ -127,7 +127,7 @@ def embeddings_store_is_private(store) -> bool:
     return str(store.root) == os.environ["TINYSAM_EMBEDDING_STORE"]
 
 
-def test_an_opened_task_is_answered_as_before_and_its_embedding_stored_once(settings, ls_server):
+def test_an_opened_task_is_answered_as_before_and_its_image_fetched_encoded_and_stored_once(settings, ls_server):
     """Label Studio's predict on opening a task (no context): everything-mode as always, the image stored."""
     captured = LS_PAYLOADS / "stub_modern" / "13_ls_to_backend_POST_predict_on_task_open.json"
     body = (json.loads(captured.read_text())["json"] if captured.is_file()
@@ -142,6 +142,7 @@ def test_an_opened_task_is_answered_as_before_and_its_embedding_stored_once(sett
         assert prediction["model_version"] == backend.model_version
         state = wait_idle(c)
         assert state["encoder_runs"] == 1, "the handler and the background worker must not both encode"
+        assert image_gets(ls_server, "open.png") == 1, "nor both download the image"
         assert backend.predictor.store is not None
         key = backend.image_key(body["tasks"][0], body["tasks"][0]["data"]["image"])
         assert (backend.predictor.model_version, f"user:{key}") in backend.predictor.store

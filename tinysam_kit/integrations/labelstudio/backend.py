@@ -339,6 +339,8 @@ class TinySamBackend:
             local_files_root=settings.local_files_root, max_bytes=settings.max_image_bytes,
             timeout=settings.fetch_timeout)
         self.gate = ModelGate()
+        self._image_locks: dict[str, list] = {}  # key -> [lock, users]
+        self._image_locks_guard = threading.Lock()
         self.counters = {"interactive": 0, "batch_tasks": 0, "errors": 0, "encoder_runs": 0}
         self.preencoder = BackgroundEncoder(self.image_key, self.store_embedding, settings.preencode_queue)
         self.everything_params = policy.everything_params(predictor.model_name, settings.everything_explicit(),
@@ -402,22 +404,36 @@ class TinySamBackend:
         except ImageFetchError as exc:
             raise BadRequest(str(exc), exc.status_code) from exc
 
+    @contextmanager
+    def _one_at_a_time(self, key: str) -> Iterator[None]:
+        """Serialises the download and encoding of one image: whoever asks second (a click, the background
+        encoder, a batch) finds it embedded instead of downloading it again."""
+        with self._image_locks_guard:
+            entry = self._image_locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._image_locks_guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._image_locks[key]
+
     def _embedding(self, task: dict, url_value: str, interactive: bool) -> ImageEmbedding:
         """Embedding of a task's image from memory or the store; fetch and encode only on a miss."""
         key = self.image_key(task, url_value)
         cached = self.predictor.cached(key)  # no download for an image whose embedding is cached or stored
         if cached is not None:
             return cached
-        return self._encode(self.load_task_image(task, url_value), key, interactive)
-
-    def _encode(self, image: np.ndarray, key: str, interactive: bool) -> ImageEmbedding:
-        with self.gate.hold(interactive):
-            # another request (or the background encoder) may have encoded it while this one was downloading it
-            state = self.predictor.cached(key)
-            if state is None:
+        with self._one_at_a_time(key):
+            cached = self.predictor.cached(key)
+            if cached is not None:
+                return cached
+            image = self.load_task_image(task, url_value)
+            with self.gate.hold(interactive):
                 self.counters["encoder_runs"] += 1
-                state = self.predictor.embed(image, key=key)
-            return state
+                return self.predictor.embed(image, key=key)
 
     def store_embedding(self, task: dict, url_value: str) -> bool:
         """Encode a task's image into the cache and the store unless it is there already, as batch work (a click
@@ -425,13 +441,14 @@ class TinySamBackend:
         key = self.image_key(task, url_value)
         if self.predictor.has_embedding(key=key):
             return False
-        image = self.load_task_image(task, url_value)
-        with self.gate.hold(False):
+        with self._one_at_a_time(key):
             if self.predictor.has_embedding(key=key):
                 return False
-            self.counters["encoder_runs"] += 1
-            self.predictor.embed(image, key=key)
-            return True
+            image = self.load_task_image(task, url_value)
+            with self.gate.hold(False):
+                self.counters["encoder_runs"] += 1
+                self.predictor.embed(image, key=key)
+                return True
 
     def preencode(self, tasks: list, label_config: str) -> int:
         """Queue the images of `tasks` (a TASKS_CREATED webhook, an opened task) for background encoding; returns
