@@ -64,7 +64,9 @@ def register(subparsers) -> None:
         "ls-prelabel", help="pre-label every task of a Label Studio project, or only pre-encode its images (resumable)",
         description="Run everything-mode on each task of a project and push the regions (brush masks or polygons) "
                     "as predictions. Tasks that already have a non-empty prediction of the same model_version "
-                    "(model and settings) are skipped, so an interrupted run resumes when started again.")
+                    "(model and settings) are skipped, so an interrupted run resumes when started again. With "
+                    "--embeddings-only, only encode the images into the embedding store the backend reads (images "
+                    "stored already are skipped), so the first click on each task is as fast as the later ones.")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
     pre.add_argument("--url", help="Label Studio URL (default LABEL_STUDIO_URL)")
     pre.add_argument("--api-key", help="personal access token or legacy token (default LABEL_STUDIO_API_KEY)")
