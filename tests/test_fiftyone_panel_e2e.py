@@ -1,0 +1,179 @@
+"""End to end in the real App: the "TinySAM: Click to segment" panel in the sample modal, driven by Debian's
+Chromium through Playwright, with the bundled demo model (what `auto` resolves to offline).
+
+Open a sample, open the panel, click on the red rectangle (the panel's picture shows the mask), Shift+click
+the background (a negative point), save (the panel outlines the saved mask, the sidebar gets the new field),
+drag a box around the blue rectangle in box mode, then see the mask in the grid and the field in the reopened
+modal, all without reloading the page. Screenshots go to $TINYSAM_TEST_ARTIFACTS/panel (default
+test-artifacts/panel); the test prints the folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fiftyone_helpers import REPO, demo_model_available, fiftyone_env
+from test_fiftyone_app_e2e import CHROMIUM, AppServer, pixel, scene
+
+ARTIFACTS = Path(os.environ.get("TINYSAM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "panel"
+RED_RECT = (30, 40, 140, 120)  # x0, y0, x1, y1 (exclusive) of the red rectangle in `scene`'s 320×240 image
+
+
+def picture_to_screen(page, xy: tuple[float, float], size=(320, 240)) -> tuple[float, float]:
+    """Screen position of an image pixel in the panel's picture (the Plotly layout image)."""
+    frame = page.locator("[data-cy=modal] .js-plotly-plot svg image").first.bounding_box()
+    return frame["x"] + xy[0] / size[0] * frame["width"], frame["y"] + xy[1] / size[1] * frame["height"]
+
+
+def close_modal(page) -> None:
+    """Escape closes the modal once the sample view (not a panel's control) has the keyboard focus."""
+    frame = page.locator("[data-cy=modal-looker-container]").first.bounding_box()
+    page.mouse.click(frame["x"] + frame["width"] / 2, frame["y"] + frame["height"] - 5)
+    for _ in range(2):
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(500)
+        if not page.locator("[data-cy=modal]").count():
+            return
+
+
+def changed(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether a pixel of the picture changed colour (the panel tints masked pixels towards blue)."""
+    return sum(abs(a - b) for a, b in zip(before[:3], after[:3])) > 40
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_click_to_segment_panel_saves_a_mask(tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not demo_model_available():
+        pytest.skip("the bundled demo model is not installed")
+    info = fiftyone_env()
+    import fiftyone as fo
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots: {ARTIFACTS}")
+    shots = {k: ARTIFACTS / f"{k}.png" for k in ("panel_open", "positive_click", "negative_click", "saved_panel",
+                                                 "box_drag", "saved_grid", "reopened_modal", "failure")}
+    scene(tmp_path / "scene.png")
+    name = f"app-panel-{os.getpid()}"
+    dataset = fo.Dataset(name, persistent=True)
+    dataset.add_sample(fo.Sample(filepath=str(tmp_path / "scene.png")))
+    server = AppServer(tmp_path, {**info["env"], "TINYSAM_OFFLINE": "1"})
+    red_centre = ((RED_RECT[0] + RED_RECT[2]) / 2, (RED_RECT[1] + RED_RECT[3]) / 2)
+    background = (250, 60)
+    try:
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            try:
+                page.goto(f"http://127.0.0.1:{server.port}/datasets/{name}")
+                page.wait_for_selector("[data-cy=looker]", timeout=180_000)
+                if page.get_by_text("Dismiss", exact=True).count():
+                    page.get_by_text("Dismiss", exact=True).click()
+                page.locator("[data-cy=looker]").first.click()
+                page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
+
+                # The panel is a tab of the modal, next to "Sample".
+                page.locator("[data-cy=modal] [data-cy=panel-tab-click_to_segment]").first.click()
+                picture = page.locator("[data-cy=modal] .js-plotly-plot svg image").first
+                picture.wait_for(timeout=120_000)
+                page.get_by_text("Model: demo", exact=False).first.wait_for(timeout=10_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots["panel_open"]))
+                inside_xy = (RED_RECT[0] + 15, RED_RECT[1] + 15)
+                original = {xy: pixel(shots["panel_open"], picture_to_screen(page, xy))
+                            for xy in (red_centre, inside_xy, background)}
+                assert original[red_centre][:3] == (220, 40, 40), original
+
+                # A click on the red rectangle: a positive point and the mask in the picture.
+                page.mouse.click(*picture_to_screen(page, red_centre))
+                page.get_by_text("1 positive, 0 negative point(s); mask score").wait_for(timeout=60_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots["positive_click"]))
+                inside = pixel(shots["positive_click"], picture_to_screen(page, inside_xy))
+                outside = pixel(shots["positive_click"], picture_to_screen(page, background))
+                assert changed(original[inside_xy], inside), f"no mask over the red rectangle in the panel ({inside})"
+                assert not changed(original[background], outside), f"the mask spills onto the background ({outside})"
+
+                # Shift+click on the background: a negative point; the mask stays on the rectangle.
+                page.keyboard.down("Shift")
+                page.mouse.click(*picture_to_screen(page, background))
+                page.keyboard.up("Shift")
+                page.get_by_text("1 positive, 1 negative point(s); mask score").wait_for(timeout=60_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots["negative_click"]))
+                after = pixel(shots["negative_click"], picture_to_screen(page, inside_xy))
+                assert changed(original[inside_xy], after), f"the mask left the red rectangle ({after})"
+
+                # Save: a notification; the panel outlines the saved mask and the new field is in the sidebar.
+                page.get_by_role("button", name="Save", exact=True).click()
+                page.get_by_text("Saved 'object' to 'tinysam_clicks'").first.wait_for(timeout=60_000)
+                page.get_by_text("1 saved in 'tinysam_clicks'", exact=False).first.wait_for(timeout=60_000)
+                page.wait_for_selector("[data-cy=sidebar-field-tinysam_clicks]", timeout=30_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots["saved_panel"]))
+                after_save = pixel(shots["saved_panel"], picture_to_screen(page, inside_xy))
+                assert not changed(original[inside_xy], after_save), "the clicks were not cleared after saving"
+
+                # Box mode: a drag around the blue rectangle selects a box, whose mask the picture shows.
+                page.locator("[data-cy=modal]").get_by_label("box", exact=True).check()
+                page.wait_for_timeout(1500)  # the panel re-renders with the selection grid
+                blue_xy = (240, 170)
+                blue_before = pixel(shots["saved_panel"], picture_to_screen(page, blue_xy))
+                page.mouse.move(*picture_to_screen(page, (172, 122)))
+                page.mouse.down()
+                page.mouse.move(*picture_to_screen(page, (240, 170)), steps=5)
+                page.mouse.move(*picture_to_screen(page, (308, 218)), steps=5)
+                page.mouse.up()
+                page.get_by_text("0 positive, 0 negative point(s), a box; mask score").wait_for(timeout=60_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots["box_drag"]))
+                blue_after = pixel(shots["box_drag"], picture_to_screen(page, blue_xy))
+                assert changed(blue_before, blue_after), f"no mask over the blue rectangle ({blue_after})"
+                page.get_by_role("button", name="Clear", exact=True).click()
+                page.get_by_text("0 positive, 0 negative point(s) — 1 saved").wait_for(timeout=30_000)
+
+                # The grid draws the new mask without a page reload.
+                page.locator("[data-cy=modal] [data-cy=panel-tab-fo-sample-modal-plugin]").first.click()
+                page.wait_for_timeout(500)
+                close_modal(page)
+                page.wait_for_selector("[data-cy=modal]", state="detached", timeout=30_000)
+                page.wait_for_timeout(2000)
+                page.screenshot(path=str(shots["saved_grid"]))
+                tile = page.locator("[data-cy=looker]").first.bounding_box()
+                scale = min(tile["width"] / 320, tile["height"] / 240)
+                grid_xy = (tile["x"] + (tile["width"] - 320 * scale) / 2 + inside_xy[0] * scale,
+                           tile["y"] + (tile["height"] - 240 * scale) / 2 + inside_xy[1] * scale)
+                grid_rgb = pixel(shots["saved_grid"], grid_xy)
+                assert grid_rgb[:3] != (220, 40, 40), f"no mask drawn over the red rectangle in the grid ({grid_rgb})"
+
+                # The modal, opened again, lists the new field with its label.
+                page.locator("[data-cy=looker]").first.click()
+                page.wait_for_selector("[data-cy=modal] [data-cy=sidebar-field-tinysam_clicks]", timeout=30_000)
+                page.wait_for_timeout(1500)
+                page.screenshot(path=str(shots["reopened_modal"]))
+            except Exception:
+                page.screenshot(path=str(shots["failure"]))
+                raise
+            finally:
+                browser.close()
+        dataset.reload()
+        detections = dataset.first().tinysam_clicks.detections
+        assert [d.label for d in detections] == ["object"]
+        det = detections[0]
+        x, y, w, h = det.bounding_box
+        mask = np.zeros((240, 320), dtype=bool)
+        x0, y0 = round(x * 320), round(y * 240)
+        mask[y0 : y0 + det.mask.shape[0], x0 : x0 + det.mask.shape[1]] = det.mask
+        truth = np.zeros_like(mask)
+        truth[RED_RECT[1] : RED_RECT[3], RED_RECT[0] : RED_RECT[2]] = True
+        iou = (mask & truth).sum() / (mask | truth).sum()
+        assert iou > 0.8, f"saved mask IoU with the red rectangle: {iou:.2f}"
+        assert 0 <= det.confidence <= 1 and det["predicted_iou"] is not None
+    finally:
+        server.stop()
+        dataset.delete()
