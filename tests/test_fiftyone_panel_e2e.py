@@ -43,6 +43,52 @@ def changed(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
     return sum(abs(a - b) for a, b in zip(before[:3], after[:3])) > 40
 
 
+def test_panel_geometry_and_save_without_the_app(tmp_path, monkeypatch):
+    """The panel's parts the App calls into: click and box mapping, segmentation with the shared predictor, and
+    saving (append, refuse a field of another type, refuse an empty mask)."""
+    if not demo_model_available():
+        pytest.skip("the bundled demo model is not installed")
+    monkeypatch.setenv("TINYSAM_OFFLINE", "1")
+    fiftyone_env()
+    import fiftyone as fo
+
+    from tinysam_kit.inference.predictor import PromptError
+    from tinysam_kit.integrations.fiftyone.labels import tight_box
+    from tinysam_kit.integrations.fiftyone.plugin import panel as P
+    from tinysam_kit.integrations.fiftyone.runner import RunError
+
+    assert P.click_to_pixel(-3, 500, 320, 240) == (0.0, 240.0)
+    step = 320 / P.BOX_GRID
+    box = P.selection_to_box([{"x": 177.5, "y": 127.5}, {"x": 302.5, "y": 212.5}, {"x": None, "y": 1}], 320, 240)
+    assert box == pytest.approx([177.5 - step / 2, 127.5 - step / 2, 302.5 + step / 2, 212.5 + step / 2])
+    assert P.selection_to_box([], 320, 240) is None
+
+    scene(tmp_path / "scene.png")
+    dataset = fo.Dataset()
+    sample = fo.Sample(filepath=str(tmp_path / "scene.png"), note=fo.Classification(label="x"))
+    dataset.add_sample(sample)
+    result = P.segment_clicks(sample.filepath, [[85.0, 80.0, 1]], None)
+    assert result["mask"][RED_RECT[1] + 5 : RED_RECT[3] - 5, RED_RECT[0] + 5 : RED_RECT[2] - 5].all()
+    assert not result["mask"][200:, :100].any() and 0 <= result["score"] <= 1
+    assert result["picture"].startswith("data:image/png;base64,")
+    assert P.segment_clicks(sample.filepath, [[85.0, 80.0, 1]], None) is result  # re-renders reuse it
+    trace_types = [t["type"] for t in P.plot_figure(result, box_mode=True)[0]]
+    assert trace_types == ["heatmap", "scatter"]
+
+    P.save_mask(sample, "clicks", result["mask"], "red", result["score"], result["predicted_iou"])
+    P.save_mask(sample, "clicks", result["mask"], "again", result["score"], result["predicted_iou"])
+    sample.reload()
+    assert [d.label for d in sample.clicks.detections] == ["red", "again"]
+    x0, y0, x1, y1 = tight_box(result["mask"])  # stored cropped to its box, as every TinySAM tool writes masks
+    assert np.array_equal(sample.clicks.detections[0].mask, result["mask"][y0 : y1 + 1, x0 : x1 + 1])
+    assert set(P.saved_masks(sample, "clicks")) == {d.id for d in sample.clicks.detections}
+    with pytest.raises(RunError, match="already exists as Classification"):
+        P.save_mask(sample, "note", result["mask"], "red", 1.0, 1.0)
+    with pytest.raises(PromptError, match="empty"):
+        P.save_mask(sample, "clicks", np.zeros_like(result["mask"]), "red", 1.0, 1.0)
+    dataset.delete()
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_click_to_segment_panel_saves_a_mask(tmp_path):

@@ -361,8 +361,10 @@ class ClickToSegmentPanel(foo.Panel):
     def render(self, ctx):
         panel = types.Object()
         sample = self._sample(ctx)
-        if sample is None:
-            panel.md("Open a sample to segment it with clicks.", name="intro")
+        if sample is None or ctx.dataset.media_type != "image":
+            text = ("Open a sample to segment it with clicks." if sample is None else
+                    f"TinySAM segments images; this dataset's media type is {ctx.dataset.media_type!r}.")
+            panel.md(text, name="intro")
             return types.Property(panel, view=types.GridView(orientation="vertical"))
         choice = policy.resolve_model(policy.AUTO)
         model_text = f"**Model:** {choice.name}"
