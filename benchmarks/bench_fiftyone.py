@@ -65,13 +65,16 @@ def tiny_model(directory: Path) -> str:
     return str(path)
 
 
+from tinysam_kit.inference.policy import ENGINES, PRECISIONS, EngineOptions  # noqa: E402 - after sys.path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--size", default="768x1024", help="HxW of the generated images")
     ap.add_argument("--model", default="auto", help="auto: official TinySAM, else demo, else a tiny random model")
-    ap.add_argument("--engine", default="torch")
-    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--engine", choices=ENGINES, default=EngineOptions.engine)
+    ap.add_argument("--precision", choices=PRECISIONS, default=EngineOptions.precision)
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--dense", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
@@ -104,10 +107,13 @@ def main() -> int:
             model = tiny_model(work)
     h, w = (int(v) for v in args.size.lower().split("x"))
     paths = make_photos(work / "images", args.images, h, w)
-    predictor = get_predictor(model, args.engine, args.precision)
+    options = EngineOptions(model=model, engine=args.engine, precision=args.precision)
+    predictor = get_predictor(options)
     mode = "dense" if args.dense else "hierarchical"
     params = {"points_per_side": args.points_per_side}
-    generator = EverythingGenerator(predictor, mode, **params)
+    # The core loop uses exactly the parameters the plugin's runs use (the model's own, pre-labelling rules).
+    generator = EverythingGenerator(predictor, mode, **RunSpec("everything", "masks", everything=params)
+                                    .everything_params(predictor.model_name))
     generator.generate(load_image(paths[0]))  # warm-up (allocations, lazy init)
     predictor.cache.clear()
 
@@ -126,8 +132,8 @@ def main() -> int:
         for name, prefetch, workers in (("plugin", 4, 2), ("serial", 1, 1)):
             ds = fo.Dataset()
             ds.add_samples([fo.Sample(filepath=str(p)) for p in part], progress=False)
-            spec = RunSpec("everything", "masks", model=model, engine=args.engine, precision=args.precision,
-                           mode=mode, everything=params, prefetch=prefetch, decode_workers=workers)
+            spec = RunSpec("everything", "masks", options=options, mode=mode, everything=params, prefetch=prefetch,
+                           decode_workers=workers)
             t0 = time.perf_counter()
             summary = run_segmentation(ds, spec, predictor=predictor)
             seconds[name] += time.perf_counter() - t0

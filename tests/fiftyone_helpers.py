@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO / "tinysam_kit" / "plugin"
+PLUGIN_DIR = REPO / "tinysam_kit" / "integrations" / "fiftyone" / "plugin"
+ZOO_DIR = REPO / "tinysam_kit" / "integrations" / "fiftyone" / "zoo"
 PLUGIN_URI = "@tinysam-kit/tinysam"
 
 _ENV: dict | None = None

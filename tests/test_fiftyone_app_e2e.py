@@ -1,6 +1,11 @@
 """End to end in the real App: FiftyOne's server on 127.0.0.1, Debian's Chromium driven by Playwright.
-Open the operator browser, schedule "TinySAM: Segment everything" on a two-sample dataset, let the
-delegated-operation service run it, and see the masks field appear. A screenshot is kept in test-artifacts/."""
+
+* Open the operator browser, schedule "TinySAM: Segment everything" on a two-sample dataset, let the
+  delegated-operation service run it, and see the masks field appear.
+* In the sample modal, select a box, run "TinySAM: Segment selected labels", and see the mask in the open
+  modal without reloading the page: first into a new field, then into that existing field.
+
+Screenshots are kept in test-artifacts/."""
 
 from __future__ import annotations
 
@@ -33,6 +38,28 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180)
 
 def field_input(page, label: str):
     return page.locator(f"xpath=//p[normalize-space()='{label}']/following::input[1]")
+
+
+class AppServer:
+    """FiftyOne's App server for the test session's database, on a free 127.0.0.1 port."""
+
+    def __init__(self, tmp_path: Path, env: dict) -> None:
+        self.port = free_port()
+        self.log_path = tmp_path / "server.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fiftyone.server.main", "--address", "127.0.0.1",
+                                      "--port", str(self.port)], env={**os.environ, **env}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(f"http://127.0.0.1:{self.port}/", self.proc, self.log_path)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 @pytest.mark.e2e
@@ -122,4 +149,172 @@ def test_segment_everything_from_the_app(tmp_path, tiny_random_checkpoint):
             server.kill()
             server.wait()
         log.close()
+        dataset.delete()
+
+
+def scene(path: Path) -> tuple[list[float], list[float]]:
+    """A 320×240 image with two solid rectangles on a grey background; their relative boxes."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.full((240, 320, 3), 128, dtype=np.uint8)
+    img[40:120, 30:140] = (220, 40, 40)
+    img[130:210, 180:300] = (40, 60, 220)
+    Image.fromarray(img).save(path)
+    return [26 / 320, 36 / 240, 118 / 320, 88 / 240], [176 / 320, 126 / 240, 128 / 320, 88 / 240]
+
+
+def on_screen(page, box: list[float], size=(320, 240)) -> tuple[float, float]:
+    """Screen position of a relative box's centre in the modal's image (the image is fitted, centred)."""
+    frame = page.locator("[data-cy=modal-looker-container] canvas").first.bounding_box()
+    w, h = size
+    scale = min(frame["width"] / w, frame["height"] / h)
+    x0 = frame["x"] + (frame["width"] - w * scale) / 2
+    y0 = frame["y"] + (frame["height"] - h * scale) / 2
+    return x0 + (box[0] + box[2] / 2) * w * scale, y0 + (box[1] + box[3] / 2) * h * scale
+
+
+def pixel(path: Path, xy: tuple[float, float]) -> tuple[int, ...]:
+    from PIL import Image
+
+    return Image.open(path).convert("RGB").getpixel((round(xy[0]), round(xy[1])))
+
+
+def run_selected_labels(page) -> float:
+    """Open the operator browser in the modal, run "Segment selected labels" with the form's defaults;
+    returns the time its success notification appeared."""
+    page.keyboard.press("`")
+    page.keyboard.type("Segment selected")
+    page.get_by_text("TinySAM: Segment selected labels").first.click()
+    page.get_by_text("Will segment 1 selected label(s) on 1 sample(s)").wait_for(timeout=60_000)
+    field_input(page, "Model").fill("demo")
+    page.wait_for_timeout(1000)  # the dynamic form re-resolves after edits
+    page.get_by_role("button", name="Execute").click()
+    page.get_by_text("mask(s) written to 'tinysam_masks'").first.wait_for(timeout=120_000)
+    return time.monotonic()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="FiftyOne 1.22's sample modal caches its sample query (keyed by dataset, "
+                   "view and sample id): reload_dataset, reload_samples and set_view leave it stale, and "
+                   "close_sample + open_sample leaves it loading; new masks show after a page reload")
+def test_selected_label_masks_show_in_the_open_modal(tmp_path):
+    """The defect: the toast said masks were written but the open modal showed nothing until a page reload."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    info = fiftyone_env()
+    import fiftyone as fo
+
+    red, blue = scene(tmp_path / "scene.png")
+    name = f"app-modal-{os.getpid()}"
+    dataset = fo.Dataset(name, persistent=True)
+    dataset.add_sample(fo.Sample(filepath=str(tmp_path / "scene.png"), gt=fo.Detections(detections=[
+        fo.Detection(label="red", bounding_box=red), fo.Detection(label="blue", bounding_box=blue)])))
+    ARTIFACTS.mkdir(exist_ok=True)
+    shots = {k: ARTIFACTS / f"fiftyone_modal_{k}.png" for k in ("before", "new_field", "existing_field")}
+    server = AppServer(tmp_path, info["env"])
+    try:
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            try:
+                page.goto(f"http://127.0.0.1:{server.port}/datasets/{name}")
+                page.wait_for_selector("[data-cy=looker]", timeout=180_000)
+                if page.get_by_text("Dismiss", exact=True).count():
+                    page.get_by_text("Dismiss", exact=True).click()
+                page.locator("[data-cy=looker]").first.click()
+                page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
+                page.wait_for_timeout(2000)
+                red_xy, blue_xy = on_screen(page, red), on_screen(page, blue)
+
+                # 1. A new output field: select the red box, run, and the field and its mask appear.
+                page.mouse.click(*red_xy)
+                page.wait_for_timeout(500)
+                page.screenshot(path=str(shots["before"]))
+                before = pixel(shots["before"], red_xy)
+                done = run_selected_labels(page)
+                page.wait_for_selector("[data-cy=modal] [data-cy=sidebar-field-tinysam_masks]",
+                                       timeout=max(1.0, 2.0 - (time.monotonic() - done)) * 1000)
+                page.screenshot(path=str(shots["new_field"]))
+                after = pixel(shots["new_field"], red_xy)
+                assert after != before, f"no mask drawn over the red box ({before} → {after})"
+
+                # 2. The same, existing field: select the blue box as well; its mask appears too.
+                page.mouse.click(*red_xy)  # deselect red
+                page.mouse.click(*blue_xy)
+                page.wait_for_timeout(500)
+                blue_before = pixel(shots["new_field"], blue_xy)
+                done = run_selected_labels(page)
+                page.wait_for_timeout(max(0.0, 2.0 - (time.monotonic() - done)) * 1000)
+                page.screenshot(path=str(shots["existing_field"]))
+                blue_after = pixel(shots["existing_field"], blue_xy)
+                assert blue_after != blue_before, f"no mask drawn over the blue box ({blue_before} → {blue_after})"
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / "fiftyone_modal_failure.png"))
+                raise
+            finally:
+                browser.close()
+        dataset.reload()
+        assert [d.label for d in dataset.first().tinysam_masks.detections] == ["red", "blue"]
+    finally:
+        server.stop()
+        dataset.delete()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_immediate_run_shows_progress_in_the_app(tmp_path, tiny_random_checkpoint):
+    """*Execute* (not Schedule): the operator's panel shows FiftyOne's progress bar with "n/total images
+    segmented" while it runs, then the summary and a notification."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    info = fiftyone_env()
+    import fiftyone as fo
+
+    name = f"app-progress-{os.getpid()}"
+    dataset = fo.Dataset(name, persistent=True)
+    dataset.add_samples([fo.Sample(filepath=str(p)) for p in make_images(tmp_path / "imgs", 12, seed=9)],
+                        progress=False)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shots = {k: ARTIFACTS / f"fiftyone_immediate_{k}.png" for k in ("progress", "done")}
+    server = AppServer(tmp_path, info["env"])
+    try:
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            try:
+                page.goto(f"http://127.0.0.1:{server.port}/datasets/{name}")
+                page.wait_for_selector("[data-cy=looker]", timeout=180_000)
+                if page.get_by_text("Dismiss", exact=True).count():
+                    page.get_by_text("Dismiss", exact=True).click()
+                page.click("[data-cy=action-browse-operations]")
+                page.keyboard.type("Segment everything")
+                page.get_by_text("TinySAM: Segment everything").first.click()
+                field_input(page, "Model").wait_for(timeout=60_000)
+                field_input(page, "Model").fill(str(tiny_random_checkpoint))
+                field_input(page, "Points per side").fill("16")
+                field_input(page, "Predicted IoU threshold").fill("0")
+                field_input(page, "Stability threshold").fill("0")
+                field_input(page, "Output field").fill("sam_now")
+                page.wait_for_timeout(1500)  # the dynamic form re-resolves after edits
+                page.get_by_role("button", name="Schedule").locator("xpath=following-sibling::*[1]").click()
+                page.get_by_text("Run this operation synchronously").click()
+                page.get_by_role("button", name="Execute").first.click()
+                page.get_by_text("images segmented").first.wait_for(timeout=120_000)
+                page.screenshot(path=str(shots["progress"]))
+                page.get_by_text("sample(s) segmented into 'sam_now'").first.wait_for(timeout=300_000)
+                page.wait_for_timeout(500)
+                page.screenshot(path=str(shots["done"]))
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / "fiftyone_immediate_failure.png"))
+                raise
+            finally:
+                browser.close()
+        dataset.reload()
+        assert len(dataset.exists("sam_now")) == 12
+    finally:
+        server.stop()
         dataset.delete()

@@ -56,7 +56,36 @@ def test_prelabel_creates_a_persistent_dataset_and_resumes(env, tmp_path, tiny_r
 
         changed = tinysam(env, "prelabel", str(tmp_path / "imgs"), "--dataset", name,
                           "--model", str(tiny_random_checkpoint), "--dense", *FAST)
-        assert changed.returncode == 1 and "different settings" in changed.stderr
+        assert changed.returncode == 1 and "different settings (mode: 'hierarchical' → 'dense')" in changed.stderr
+        assert "pass another --field, or --overwrite to replace it" in changed.stderr
+        assert all(s.metadata is not None and s.metadata.width == 128 for s in ds)
+    finally:
+        if fo.dataset_exists(name):
+            fo.delete_dataset(name)
+
+
+def test_prelabel_offline_auto_unreadable_file(env, tmp_path):
+    """`--offline` with `auto` uses the bundled demo model and says so; an unreadable image is reported once
+    (its path once) and tagged, the rest is segmented."""
+    import fiftyone as fo
+
+    make_images(tmp_path / "imgs", 1, seed=4)
+    broken = tmp_path / "imgs" / "broken.png"
+    broken.write_bytes(b"not a png")
+    name = f"prelabel-offline-{os.getpid()}"
+    home = {**env, "TINYSAM_HOME": str(tmp_path / "home")}  # no official weights there
+    try:
+        done = tinysam(home, "prelabel", str(tmp_path / "imgs"), "--dataset", name, "--model", "auto", "--offline",
+                       "--points-per-side", "8")
+        assert done.returncode == 1, done.stderr
+        assert "note:" in done.stderr and "TINYSAM_OFFLINE is set" in done.stderr
+        assert "model: demo (the bundled demo model" in done.stdout
+        failed = [line for line in done.stderr.splitlines() if "failed:" in line]
+        assert len(failed) == 1 and failed[0].startswith(f"  failed: {broken}: cannot decode image"), failed
+        ds = fo.load_dataset(name)
+        assert ds.match_tags("tinysam_failed").values("filepath") == [str(broken.resolve())]
+        config = ds.get_run_info("tinysam_tinysam").config.serialize()
+        assert config["model"] == "demo" and config["model_requested"] == "auto" and config["model_note"]
     finally:
         if fo.dataset_exists(name):
             fo.delete_dataset(name)

@@ -1,5 +1,6 @@
-"""A delegated everything-mode run killed half-way (SIGTERM to the `fiftyone delegated launch` worker) and
-re-run ends with exactly the field an uninterrupted run writes."""
+"""A delegated everything-mode run killed half-way (SIGTERM to the `fiftyone delegated launch` worker): its run
+summary then says it is stale and how to continue, and the re-run ends with exactly the field an uninterrupted
+run writes."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def test_killed_delegated_run_resumes_to_the_uninterrupted_result(fo, tmp_path, 
     from fiftyone.operators.delegated import DelegatedOperationService
     from fiftyone.operators.executor import ExecutionRunState
 
+    from tinysam_kit.integrations.fiftyone.runner import load_summary
+
     env = fiftyone_env()["env"]
     images = make_images(tmp_path / "images", N_IMAGES, size=(120, 160), seed=3)
     dataset = fo.Dataset(f"kill-test-{os.getpid()}", persistent=True)  # the worker loads it by name
@@ -78,12 +81,25 @@ def test_killed_delegated_run_resumes_to_the_uninterrupted_result(fo, tmp_path, 
         running = service.list_operations(operator=uri, dataset_name=dataset.name)
         assert [op.run_state for op in running] == [ExecutionRunState.RUNNING]  # what a killed worker leaves
 
+        # The run summary knows better: its process is gone, and it says how to continue.
+        op_id = str(running[0].id)
+        summary = load_summary(dataset, "auto")
+        assert summary["status"] == "stale" and "has exited" in summary["stale_reason"]
+        assert f"fiftyone delegated fail {op_id}" in summary["how_to_continue"]
+        shown = execute_operator(f"{PLUGIN_URI}/show_run_summary", dataset=dataset, params={"label_field": "auto"})
+        assert shown.result["status"].startswith("stale: the run stopped without finishing")
+        failed = subprocess.run([str(Path(sys.executable).parent / "fiftyone"), "delegated", "fail", op_id],
+                                env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 0, failed.stderr
+        assert service.get(running[0].id).run_state == ExecutionRunState.FAILED
+
         execute_operator(uri, dataset=dataset, params=params, request_delegation=True)
         results = service.execute_queued_operations(operator=uri, dataset_name=dataset.name)
         assert len(results) == 1 and results[0].error is None, results[0].error
         assert results[0].result["already_done"] == done
         assert results[0].result["processed"] == N_IMAGES - done
         assert content(dataset, "auto") == expected
+        assert load_summary(dataset, "auto")["status"] == "completed"
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()

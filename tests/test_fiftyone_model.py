@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fiftyone_helpers import PLUGIN_DIR, demo_model_available, fiftyone_env, make_images
+from fiftyone_helpers import ZOO_DIR, demo_model_available, fiftyone_env, make_images
 
 FAST = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 
@@ -70,25 +70,28 @@ def test_apply_model_with_box_and_point_prompts_matches_predictor(dataset, model
         image = load_image(sample.filepath)
         h, w = image.shape[:2]
         x, y, bw, bh = sample.gt.detections[0].bounding_box
-        mask, score = p.predict_best(box=[x * w, y * h, (x + bw) * w, (y + bh) * h], image_embedding=p.embed(image))
+        mask, score, _ = p.segment(box=[x * w, y * h, (x + bw) * w, (y + bh) * h], image_embedding=p.embed(image))
         det = sample.boxes_sam.detections[0]
         assert det.label == "cat" and det.confidence == pytest.approx(score, abs=1e-6)
         np.testing.assert_array_equal(pasted(det, w, h), mask)
         np.testing.assert_array_equal(pasted(sample.legacy_sam.detections[0], w, h), mask)
-        mask, _ = p.predict_best(point_coords=[[0.4 * w, 0.4 * h], [0.8 * w, 0.2 * h]], point_labels=[1, 0],
-                                 image_embedding=p.embed(image))
+        mask, _, _ = p.segment(point_coords=[[0.4 * w, 0.4 * h], [0.8 * w, 0.2 * h]], point_labels=[1, 0],
+                               image_embedding=p.embed(image))
         np.testing.assert_array_equal(pasted(sample.points_sam.detections[0], w, h), mask)
 
 
 def test_apply_model_without_prompts_segments_everything(dataset, model):
     from tinysam_kit.data.images import load_image
     from tinysam_kit.inference.everything import generate_everything
+    from tinysam_kit.inference.policy import everything_params
 
     dataset.apply_model(model, "auto", progress=False)
     sample = dataset.first()
-    records = generate_everything(model.predictor, load_image(sample.filepath), **FAST)
-    assert [round(d.confidence, 6) for d in sample.auto.detections] == [round(r["predicted_iou"], 6)
-                                                                        for r in records]
+    params = everything_params(model.predictor.model_name, FAST, prelabel=True)
+    records = generate_everything(model.predictor, load_image(sample.filepath), **params)
+    assert [round(d.predicted_iou, 6) for d in sample.auto.detections] == [round(r["predicted_iou"], 6)
+                                                                           for r in records]
+    assert all(0 <= d.confidence <= 1 for d in sample.auto.detections)
 
 
 def test_apply_model_rejects_unknown_arguments(dataset, model):
@@ -111,7 +114,7 @@ def test_zoo_source_registers_and_loads(fo, tmp_path, tiny_random_checkpoint, da
 
     archive = tmp_path / "tinysam-zoo.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for f in (PLUGIN_DIR / "zoo").iterdir():
+        for f in ZOO_DIR.iterdir():
             if f.is_file():
                 zf.write(f, f"tinysam-zoo/{f.name}")
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -143,11 +146,12 @@ def test_zoo_source_registers_and_loads(fo, tmp_path, tiny_random_checkpoint, da
         foz.delete_zoo_model_source(url)
 
 
-def test_zoo_download_uses_the_registry(tmp_path, monkeypatch):
-    """download_model puts registry weights + the architecture sidecar at FiftyOne's model path."""
+def test_zoo_download_uses_the_registry(fo, tmp_path):
+    """download_model records the registered model at FiftyOne's model path; load_model resolves it through
+    the registry (and still takes weights placed there by hand)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tinysam_zoo_source", PLUGIN_DIR / "zoo" / "__init__.py")
+    spec = importlib.util.spec_from_file_location("tinysam_zoo_source", ZOO_DIR / "__init__.py")
     zoo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(zoo)
     with pytest.raises(ValueError, match="unknown TinySAM zoo model"):
@@ -155,4 +159,6 @@ def test_zoo_download_uses_the_registry(tmp_path, monkeypatch):
     assert demo_model_available(), "the demo model is committed with the package"
     target = tmp_path / "m" / "tinysam_demo.pth"
     zoo.download_model("tinysam-demo", str(target))
-    assert target.is_file() and (tmp_path / "m" / "tinysam_demo.pth.json").is_file()
+    assert target.is_file()
+    model = zoo.load_model("tinysam-demo", str(target))
+    assert model.model_choice.name == "demo" and model.predictor.model_name == "demo"

@@ -25,9 +25,10 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(tiny_random_checkpoint):
+    from tinysam_kit.inference.policy import EngineOptions
     from tinysam_kit.integrations.fiftyone.predictors import get_predictor
 
-    return get_predictor(str(tiny_random_checkpoint))
+    return get_predictor(EngineOptions(model=str(tiny_random_checkpoint)))
 
 
 @pytest.fixture
@@ -82,20 +83,26 @@ def test_plugin_and_operators_are_discovered(fo):
 def test_segment_everything_immediate_matches_core(dataset, tiny_random_checkpoint, predictor):
     from tinysam_kit.data.images import load_image
     from tinysam_kit.inference.everything import generate_everything
+    from tinysam_kit.inference.policy import everything_params as policy_params
+    from tinysam_kit.inference.policy import report_score
 
     result = run("segment_everything", dataset, everything_params(tiny_random_checkpoint, label="thing",
                                                                   instance_map_field="sam_ids"))
     assert result.error is None, result.error
     assert result.result["processed"] == 4 and result.result["failed"] == 0
+    params = policy_params(predictor.model_name, FAST, prelabel=True)  # pre-labelling drops near-whole masks
+    assert params["max_area_fraction"] < 1
     for sample in dataset:
         image = load_image(sample.filepath)
         h, w = image.shape[:2]
-        records = generate_everything(predictor, image, **FAST)
+        records = generate_everything(predictor, image, **params)
         dets = sample.sam.detections
         assert len(dets) == len(records) > 0
         for det, rec in zip(dets, records):
             assert det.label == "thing"
-            assert det.confidence == pytest.approx(rec["predicted_iou"], abs=1e-6)
+            assert det.confidence == pytest.approx(report_score(rec["predicted_iou"]), abs=1e-6)
+            assert det.predicted_iou == pytest.approx(rec["predicted_iou"], abs=1e-6)
+            assert 0 <= det.confidence <= 1
             np.testing.assert_array_equal(full_mask(det, w, h), rec["segmentation"])
         ids = sample.sam_ids.get_mask()
         assert ids.shape == (h, w) and ids.max() == len(dets)
@@ -215,15 +222,15 @@ def test_segment_from_prompts_matches_predictor(fo, dataset, tiny_random_checkpo
         by_prompt = {d.prompt_id: d for d in sample.masks.detections}
         for box in sample.gt.detections:
             x, y, bw, bh = box.bounding_box
-            mask, score = predictor.predict_best(box=[x * w, y * h, (x + bw) * w, (y + bh) * h],
-                                                 image_embedding=state)
+            mask, score, _ = predictor.segment(box=[x * w, y * h, (x + bw) * w, (y + bh) * h],
+                                               image_embedding=state)
             det = by_prompt[box.id]
             assert det.label == box.label and det.confidence == pytest.approx(score, abs=1e-6)
             np.testing.assert_array_equal(full_mask(det, w, h), mask)
         by_prompt = {d.prompt_id: d for d in sample.pmasks.detections}
         kp = sample.clicks.keypoints[0]
-        mask, score = predictor.predict_best(point_coords=[[0.3 * w, 0.3 * h], [0.7 * w, 0.6 * h]],
-                                             point_labels=[1, 0], image_embedding=state)
+        mask, score, _ = predictor.segment(point_coords=[[0.3 * w, 0.3 * h], [0.7 * w, 0.6 * h]],
+                                           point_labels=[1, 0], image_embedding=state)
         np.testing.assert_array_equal(full_mask(by_prompt[kp.id], w, h), mask)
 
 
@@ -269,8 +276,8 @@ def test_segment_selected_labels_is_immediate_and_cached(fo, dataset, tiny_rando
     image = load_image(sample.filepath)
     h, w = image.shape[:2]
     x, y, bw, bh = box.bounding_box
-    mask, _ = predictor.predict_best(box=[x * w, y * h, (x + bw) * w, (y + bh) * h],
-                                     image_embedding=predictor.embed(image))
+    mask, _, _ = predictor.segment(box=[x * w, y * h, (x + bw) * w, (y + bh) * h],
+                                   image_embedding=predictor.embed(image))
     det = next(d for d in sample.picked.detections if d.prompt_id == box.id)
     np.testing.assert_array_equal(full_mask(det, w, h), mask)
     with pytest.raises(Exception, match="no usable selection"):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from tinysam_kit.cli.common import CliError, add_model_arguments, apply_offline, resolve_model_choice
+
 PLUGIN_NAME = "@tinysam-kit/tinysam"
-PLUGIN_DIR = Path(__file__).resolve().parent
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "integrations" / "fiftyone" / "plugin"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
@@ -32,24 +34,20 @@ def register(subparsers) -> None:
     pre.add_argument("--dataset", required=True, help="FiftyOne dataset name (created if missing)")
     pre.add_argument("--field", default="tinysam", help="output Detections field (default: tinysam)")
     pre.add_argument("--dense", action="store_true", help="dense point grid instead of TinySAM's hierarchical mode")
-    pre.add_argument("--model", default="auto", help="registered model name or checkpoint path; 'auto' = official "
-                                                     "TinySAM, else the bundled demo model (default: auto)")
-    pre.add_argument("--engine", default="torch", choices=["torch", "onnx"])
-    pre.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
-    pre.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pre.add_argument("--points-per-side", type=int, default=32)
-    pre.add_argument("--pred-iou-thresh", type=float, default=None,
-                     help="default: 0.88, or the model's registered recommendation")
-    pre.add_argument("--stability-score-thresh", type=float, default=None,
-                     help="default: 0.95, or the model's registered recommendation")
-    pre.add_argument("--box-nms-thresh", type=float, default=0.7)
-    pre.add_argument("--min-area", type=int, default=0, help="remove holes/islands smaller than this (pixels)")
-    pre.add_argument("--max-masks", type=int, default=None, help="keep at most this many masks per image")
+    pre.add_argument("--points-per-side", type=int, help="prompt grid per side (default: the model's own)")
+    pre.add_argument("--pred-iou-thresh", type=float, help="default: the model's own (SAM: 0.88)")
+    pre.add_argument("--stability-score-thresh", type=float, help="default: the model's own (SAM: 0.95)")
+    pre.add_argument("--box-nms-thresh", type=float, help="default: the model's own (SAM: 0.7)")
+    pre.add_argument("--min-area", type=int, help="remove holes/islands smaller than this (pixels)")
+    pre.add_argument("--max-masks", type=int, help="keep at most this many masks per image")
+    pre.add_argument("--max-area-fraction", type=float,
+                     help="drop masks covering more than this fraction of the image (default 0.8; 1 keeps all)")
     pre.add_argument("--label", default="object", help="label of every mask")
     pre.add_argument("--instance-map-field", default=None, help="also write a Segmentation of instance ids")
     pre.add_argument("--masks-dir", default=None, help="store masks as PNG files under this folder")
     pre.add_argument("--overwrite", action="store_true", help="recompute samples already done / replace the field")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(pre)
     pre.set_defaults(func=prelabel)
 
 
@@ -108,12 +106,14 @@ def prelabel(args) -> int:
     import fiftyone as fo
     from tqdm import tqdm
 
-    from tinysam_kit.cli.common import CliError, resolve_model_choice
-    from tinysam_kit.integrations.fiftyone.runner import RunError, RunSpec, run_segmentation
+    from tinysam_kit.inference.policy import EngineOptions, PolicyError
+    from tinysam_kit.integrations.fiftyone.runner import CLI_REMEDY, RunError, RunSpec, run_segmentation
 
+    apply_offline(args)
     try:
-        model = resolve_model_choice(args.model)
-    except CliError as exc:
+        resolve_model_choice(args.model)  # says here, once, when `auto` falls back to the demo model
+        options = EngineOptions.from_mapping(vars(args))
+    except (CliError, PolicyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -132,14 +132,11 @@ def prelabel(args) -> int:
 
     everything = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
                   "stability_score_thresh": args.stability_score_thresh, "box_nms_thresh": args.box_nms_thresh,
-                  "min_mask_region_area": args.min_area}
-    everything = {k: v for k, v in everything.items() if v is not None}
-    if args.max_masks:
-        everything["max_masks"] = args.max_masks
-    spec = RunSpec("everything", args.field, model=model, engine=args.engine,
-                   precision=args.precision, device=args.device, mode="dense" if args.dense else "hierarchical",
-                   everything=everything, label=args.label, instance_map_field=args.instance_map_field,
-                   mask_dir=args.masks_dir, overwrite=args.overwrite)
+                  "min_mask_region_area": args.min_area, "max_masks": args.max_masks,
+                  "max_area_fraction": args.max_area_fraction}
+    spec = RunSpec("everything", args.field, options=options, mode="dense" if args.dense else "hierarchical",
+                   everything={k: v for k, v in everything.items() if v is not None}, label=args.label,
+                   instance_map_field=args.instance_map_field, mask_dir=args.masks_dir, overwrite=args.overwrite)
     bar = None
 
     def progress(n: int, total: int, name: str) -> None:
@@ -150,7 +147,7 @@ def prelabel(args) -> int:
         bar.set_postfix_str(name, refresh=False)
 
     try:
-        summary = run_segmentation(dataset, spec, progress=progress)
+        summary = run_segmentation(dataset, spec, progress=progress, remedy=CLI_REMEDY)
     except (RunError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -160,7 +157,8 @@ def prelabel(args) -> int:
     print(summary.message())
     if summary.processed:
         print(f"{summary.images_per_minute:.1f} images/minute")
-    for err in summary.errors[:20]:
-        print(f"  failed: {err['filepath']}: {err['error']}", file=sys.stderr)
+    for err in summary.errors[:20]:  # image errors name their file already
+        where = "" if err["filepath"] in err["error"] else f"{err['filepath']}: "
+        print(f"  failed: {where}{err['error']}", file=sys.stderr)
     print(f"view it: fiftyone app launch {dataset.name}")
     return 1 if summary.errors else 0

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinysam_kit.inference.policy import report_score
 from tinysam_kit.inference.predictor import PromptError, TinySamPredictor
 
-# Decoder batches are chunked so that B prompts × 3 full-resolution float32 masks stay below this.
+# Decoder batches are chunked so that B prompts' full-resolution float32 masks (3 per prompt at most) stay
+# below this.
 PROMPT_BATCH_BYTES = 256 * 1024 * 1024
 # FiftyOne's SAM integration reads per-point positive/negative labels from these keypoint attributes.
 POINT_LABEL_ATTRIBUTES = ("sam_labels", "sam2_labels")
@@ -199,7 +201,8 @@ def combine_prompts(boxes: list[Prompt], points: list[Prompt]) -> list[Prompt]:
 
 
 def segment_prompts(predictor: TinySamPredictor, state, prompts: list[Prompt]) -> list[MaskResult]:
-    """The best of TinySAM's three masks for every prompt (what `predict_best` gives for it alone).
+    """Every prompt answered as the predictor answers it alone (`TinySamPredictor.segment`: one mask rule
+    everywhere); score in [0, 1], the raw predicted IoU kept as the `predicted_iou` attribute.
 
     Prompts of the same shape go through the decoder together, in chunks bounded in memory.
     """
@@ -220,17 +223,17 @@ def segment_prompts(predictor: TinySamPredictor, state, prompts: list[Prompt]) -
             if n_points is not None:
                 kwargs["point_coords"] = np.stack([prompts[i].points for i in idx])
                 kwargs["point_labels"] = np.stack([prompts[i].point_labels for i in idx])
-            masks, ious, _ = predictor.predict_batch(image_embedding=state, **kwargs)
-            best = ious.argmax(axis=1)
+            masks, scores, raw = predictor.segment_batch(image_embedding=state, **kwargs)
             for row, i in enumerate(idx):
-                k = int(best[row])
-                results[i] = MaskResult(masks[row, k], float(ious[row, k]), prompts[i].label,
-                                        prompts[i].source_id)
+                results[i] = MaskResult(masks[row], float(scores[row]), prompts[i].label, prompts[i].source_id,
+                                        attributes={"predicted_iou": float(raw[row])})
     return results
 
 
 def everything_results(records: list[dict], label: str) -> list[MaskResult]:
-    """`generate_everything` records (binary masks, best first) as results."""
-    return [MaskResult(np.asarray(r["segmentation"], dtype=bool), float(r["predicted_iou"]), label,
-                       attributes={"stability_score": float(r["stability_score"]), "area": int(r["area"])})
+    """`generate_everything` records (binary masks, best first) as results; score in [0, 1], the raw
+    predicted IoU kept as the `predicted_iou` attribute."""
+    return [MaskResult(np.asarray(r["segmentation"], dtype=bool), report_score(r["predicted_iou"]), label,
+                       attributes={"predicted_iou": float(r["predicted_iou"]),
+                                   "stability_score": float(r["stability_score"]), "area": int(r["area"])})
             for r in records]

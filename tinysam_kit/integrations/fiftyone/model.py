@@ -11,12 +11,13 @@ torchvision, which TinySAM does not need. Prompt arguments are those of FiftyOne
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import fiftyone.core.labels as fol
 import fiftyone.core.models as fom
 
 from tinysam_kit.data.images import load_image
+from tinysam_kit.inference.policy import EngineOptions, everything_params
 from tinysam_kit.inference.predictor import PromptError
 from tinysam_kit.integrations.fiftyone import labels as L
 from tinysam_kit.integrations.fiftyone.predictors import get_predictor
@@ -28,12 +29,9 @@ PROMPT_KEYS = ("box_prompt_field", "point_prompt_field", "prompt_field")
 class TinySamModelConfig:
     """What `apply_model` may look at (`confidence_thresh`, `filter_classes`) plus TinySAM's settings."""
 
-    model: str = "auto"  # official TinySAM if its weights can be had, else the bundled demo
-    engine: str = "torch"
-    precision: str = "fp32"
-    device: str = "auto"
+    options: EngineOptions = field(default_factory=EngineOptions)  # model, engine, precision, device, threads
     mode: str = "hierarchical"  # everything mode when no prompt field is given
-    everything: dict = field(default_factory=dict)
+    everything: dict = field(default_factory=dict)  # explicit values; the rest are the model's own
     label: str = "object"
     point_label_attribute: str | None = None
     confidence_thresh: float | None = None
@@ -41,13 +39,20 @@ class TinySamModelConfig:
 
 
 class TinySamModel(fom.Model, fom.SamplesMixin):
-    """`fo.Detections` with instance masks (cropped to their boxes), confidence = predicted IoU."""
+    """`fo.Detections` with instance masks (cropped to their boxes), confidence = predicted IoU in [0, 1]
+    (the raw value in the `predicted_iou` attribute).
+
+    Keyword arguments: the engine options (`model`, `engine`, `precision`, `device`, `threads`) and the
+    fields of `TinySamModelConfig`."""
 
     def __init__(self, config: TinySamModelConfig | None = None, **kwargs) -> None:
         fom.SamplesMixin.__init__(self)
-        self.config = config or TinySamModelConfig(**kwargs)
-        self.predictor = get_predictor(self.config.model, self.config.engine, self.config.precision,
-                                       self.config.device)
+        if config is None:
+            engine_keys = {f.name for f in fields(EngineOptions)}
+            options = EngineOptions.from_mapping({k: kwargs.pop(k) for k in list(kwargs) if k in engine_keys})
+            config = TinySamModelConfig(options=options, **kwargs)
+        self.config = config
+        self.predictor = get_predictor(self.config.options)
         self._preprocess = False
         self._everything = None
 
@@ -71,6 +76,11 @@ class TinySamModel(fom.Model, fom.SamplesMixin):
     @preprocess.setter
     def preprocess(self, value: bool) -> None:
         self._preprocess = value
+
+    @property
+    def model_choice(self):
+        """The model actually used (`auto` may have fallen back to the demo model; `.note` says why)."""
+        return self.predictor.model_choice
 
     @property
     def model_version(self) -> str:
@@ -128,7 +138,8 @@ class TinySamModel(fom.Model, fom.SamplesMixin):
             if self._everything is None:
                 from tinysam_kit.inference.everything import EverythingGenerator
 
-                self._everything = EverythingGenerator(self.predictor, self.config.mode, **self.config.everything)
+                params = everything_params(self.predictor.model_name, self.config.everything, prelabel=True)
+                self._everything = EverythingGenerator(self.predictor, self.config.mode, **params)
             results = L.everything_results(self._everything.generate(image_embedding=state), self.config.label)
         elif not prompts:
             results = []

@@ -1,5 +1,5 @@
-"""One predictor per (model, engine, precision, device) per process, so the App's interactive operator
-keeps its embedding cache between clicks instead of reloading weights every time."""
+"""One predictor per engine setting per process, so the App's interactive operator keeps its embedding cache
+between clicks instead of reloading weights every time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import threading
 from collections import OrderedDict
 
-from tinysam_kit.inference import policy
+from tinysam_kit.inference.policy import EngineOptions
 from tinysam_kit.inference.predictor import TinySamPredictor
 
 MAX_PREDICTORS = 2  # each holds weights plus an embedding cache; two covers "compare fp32 vs int8"
@@ -18,25 +18,21 @@ _predictors: OrderedDict[tuple, TinySamPredictor] = OrderedDict()
 _lock = threading.Lock()
 
 
-def resolve_model(model: str) -> str:
-    """`auto` → the model `policy.resolve_model` picks (a fallback to the demo model is logged)."""
-    choice = policy.resolve_model(model)
-    if choice.note:
-        logger.warning(choice.note)
-    return choice.name
-
-
-def get_predictor(model: str = "auto", engine: str = "torch", precision: str = "fp32",
-                  device: str = "auto") -> TinySamPredictor:
-    model = resolve_model(model)
-    key = (model, engine, precision, device)
+def get_predictor(options: EngineOptions | None = None) -> TinySamPredictor:
+    """The predictor for `options` (`auto` resolved by `policy.resolve_model`; `predictor.model_choice` says
+    which model was used and why)."""
+    options = options or EngineOptions()
+    resolved, choice = options.resolved()
+    key = (resolved, choice)  # the choice keeps its note: "demo" asked for is not "auto" fallen back
     with _lock:
         predictor = _predictors.get(key)
         if predictor is not None:
             _predictors.move_to_end(key)
             return predictor
+    if choice.note:
+        logger.warning(choice.note)
     # Loading takes seconds; do it outside the lock (a concurrent duplicate load is harmless).
-    predictor = TinySamPredictor.from_pretrained(str(model), engine=engine, precision=precision, device=device)
+    predictor = TinySamPredictor.from_options(options)
     with _lock:
         predictor = _predictors.setdefault(key, predictor)
         _predictors.move_to_end(key)

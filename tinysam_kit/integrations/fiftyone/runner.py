@@ -3,8 +3,9 @@
 * Resumable: a sample counts as done once its output field is set; re-running the same run skips it.
 * No partial samples: every sample's result is one document update (masks on disk are written first, the
   optional instance map before the output field, so the output field is the completion marker).
-* Recorded: a FiftyOne run (`dataset.get_run_info("tinysam_<field>")`) holds model, model version,
-  precision and parameters; its results hold the status, counts and per-sample errors.
+* Recorded: a FiftyOne run (`dataset.get_run_info("tinysam_<field>")`) holds the model actually used (and why,
+  when `auto` fell back to the demo model), model version, engine, precision and every parameter; its results
+  hold the status, counts, per-sample errors and a heartbeat, so a run whose process died shows as stale.
 * Throughput: images are decoded by a small thread pool a bounded number of samples ahead of inference,
   and results are written in batches.
 """
@@ -15,22 +16,31 @@ import itertools
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 
 from tinysam_kit.data.images import load_image
+from tinysam_kit.inference import policy
 from tinysam_kit.inference.batch import prefetch_images
 from tinysam_kit.inference.predictor import PromptError, TinySamPredictor
 from tinysam_kit.integrations.fiftyone import labels as L
 
 TASKS = ("everything", "prompts")
-EVERYTHING_PARAMS = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh",
-                     "min_mask_region_area", "max_masks")
+EVERYTHING_PARAMS = tuple(policy.EVERYTHING_DEFAULTS)
 RESERVED_FIELDS = {"id", "filepath", "tags", "metadata", "created_at", "last_modified_at", "media_type"}
 FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RUN_KEY_PREFIX = "tinysam_"
+FAILED_TAG = "tinysam_failed"  # samples whose image could not be read or prompted, until a run succeeds
+# A running run refreshes its heartbeat at least this often; one silent for STALE_AFTER is considered dead.
+HEARTBEAT_SECONDS = 10.0
+STALE_AFTER = 120.0
+# How a user changes the output of a run, in each front end's words.
+APP_REMEDY = "choose another output field or tick Overwrite"
+CLI_REMEDY = "pass another --field, or --overwrite to replace it"
 
 
 class RunError(ValueError):
@@ -43,11 +53,8 @@ class RunSpec:
 
     task: str  # "everything" | "prompts"
     label_field: str
-    model: str = "auto"
-    engine: str = "torch"
-    precision: str = "fp32"
-    device: str = "auto"
-    # everything mode
+    options: policy.EngineOptions = field(default_factory=policy.EngineOptions)
+    # everything mode: explicit values only; None or missing = the model's own (see policy.everything_params)
     mode: str = "hierarchical"
     everything: dict = field(default_factory=dict)
     label: str = "object"
@@ -64,16 +71,33 @@ class RunSpec:
     prefetch: int = 4
     decode_workers: int = 2
 
-    def signature(self, model_version: str) -> dict:
-        """What makes two runs produce the same field (a run with another signature is another run)."""
-        sig = {"task": self.task, "model_version": model_version, "instance_map_field": self.instance_map_field,
+    def everything_params(self, model_name: str) -> dict:
+        """The everything-mode parameters this run uses with `model_name` (pre-labelling rules)."""
+        return policy.everything_params(model_name, self.everything, prelabel=True)
+
+    def signature(self, model: str, model_version: str | None = None, registered_name: str | None = None) -> dict:
+        """What makes two runs produce the same field (a run with another signature is another run).
+
+        `model`: the model asked for, resolved (`auto` → its choice); `registered_name`: the loaded model's
+        registry name, which decides its own everything-mode values. Without a version (a form being filled
+        in, no model loaded) only the everything-mode values given explicitly are included."""
+        sig = {"task": self.task, "model": model, "engine": self.options.engine,
+               "precision": self.options.precision, "instance_map_field": self.instance_map_field,
                "masks_on_disk": bool(self.mask_dir)}
+        if model_version is not None:
+            sig["model_version"] = model_version
         if self.task == "everything":
-            sig.update(mode=self.mode, label=self.label, everything=dict(sorted(self.everything.items())))
+            everything = ({k: v for k, v in self.everything.items() if v is not None} if model_version is None
+                          else self.everything_params(registered_name or model))
+            sig.update(mode=self.mode, label=self.label, everything=dict(sorted(everything.items())))
         else:
             sig.update(box_field=self.box_field, point_field=self.point_field,
                        point_label_attribute=self.point_label_attribute)
         return sig
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -88,6 +112,12 @@ class RunSummary:
     without_prompts: int = 0
     errors: list[dict] = field(default_factory=list)  # {"sample_id", "filepath", "error"}
     seconds: float = 0.0
+    model: str = ""  # the model actually used
+    model_note: str | None = None  # why `auto` fell back to the demo model
+    heartbeat: str = field(default_factory=_now)  # UTC, refreshed while running
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    operation_id: str | None = None  # the delegated operation, when run by a worker
 
     @property
     def images_per_minute(self) -> float:
@@ -107,7 +137,9 @@ class RunSummary:
             parts.append(f"{self.without_prompts} without prompts")
         if self.errors:
             first = self.errors[0]
-            parts.append(f"{len(self.errors)} failed (e.g. {first['error']})")
+            parts.append(f"{len(self.errors)} failed, tagged '{FAILED_TAG}' (e.g. {first['error']})")
+        parts.append(f"model: {self.model}" + (" (the bundled demo model: `auto` found no official weights)"
+                                                if self.model_note else ""))
         return "; ".join(parts)
 
 
@@ -195,84 +227,164 @@ def _previous_run(dataset, run_key: str) -> dict | None:
     return dataset.get_run_info(run_key).config.serialize()
 
 
-def plan_run(samples, spec: RunSpec, model_version: str) -> tuple[list[str], list[str], int]:
+def _lookup(record: dict | None, dotted: str):
+    value = record or {}
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def describe_changes(old: dict | None, new: dict) -> str:
+    """`name: old → new` for every setting that differs between two run signatures."""
+    names = policy.changed_settings(old, new)
+    return ", ".join(f"{n}: {_lookup(old, n)!r} → {_lookup(new, n)!r}" for n in names)
+
+
+def output_conflict(dataset, spec: RunSpec, model: str, model_version: str | None = None,
+                    registered_name: str | None = None, remedy: str = APP_REMEDY) -> str | None:
+    """Why `spec` may not write its output field (None when it may): the field exists and TinySAM did not
+    write it, or an earlier TinySAM run with other settings did. Forms call it without a model version: then
+    the settings given are compared (the model's own values are known once it is loaded)."""
+    if spec.overwrite or spec.label_field not in dataset.get_field_schema():
+        return None
+    previous = _previous_run(dataset, run_key_for(spec.label_field))
+    if previous is None:
+        return f"field {spec.label_field!r} already exists and was not written by TinySAM; {remedy}"
+    old = previous.get("signature") or {}
+    new = spec.signature(model, model_version, registered_name)
+    if model_version is None:
+        old = {k: v for k, v in old.items() if k != "model_version"}
+        if "everything" in new:
+            old_values = old.get("everything") or {}
+            old["everything"] = {k: old_values.get(k) for k in new["everything"]}
+    if old != new:
+        return (f"field {spec.label_field!r} holds a TinySAM run with different settings "
+                f"({describe_changes(old, new)}); {remedy}")
+    return None
+
+
+def plan_run(samples, spec: RunSpec, predictor: TinySamPredictor,
+             remedy: str = APP_REMEDY) -> tuple[list[str], list[str], int]:
     """(ids to process, their filepaths, number already done), enforcing the never-overwrite rule."""
     dataset = samples._dataset
-    run_key = run_key_for(spec.label_field)
-    schema = dataset.get_field_schema()
-    exists = spec.label_field in schema
-    previous = _previous_run(dataset, run_key)
-    if exists and not spec.overwrite:
-        if previous is None:
-            raise RunError(f"field {spec.label_field!r} already exists and was not written by TinySAM; "
-                           "choose another output field or tick overwrite")
-        old = previous.get("signature")
-        new = spec.signature(model_version)
-        if old != new:
-            diff = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
-            raise RunError(f"field {spec.label_field!r} holds a TinySAM run with different settings "
-                           f"({', '.join(diff)}); choose another output field or tick overwrite")
+    conflict = output_conflict(dataset, spec, predictor.model_choice.name, predictor.model_version,
+                               predictor.model_name, remedy)
+    if conflict:
+        raise RunError(conflict)
     ids, paths = samples.values(["id", "filepath"])
     done = set()
-    if exists and not spec.overwrite:
+    if spec.label_field in dataset.get_field_schema() and not spec.overwrite:
         done = set(samples.exists(spec.label_field).values("id"))
     todo = [(i, p) for i, p in zip(ids, paths) if i not in done]
     return [i for i, _ in todo], [p for _, p in todo], len(ids) - len(todo)
 
 
 def _record_run(dataset, spec: RunSpec, predictor: TinySamPredictor, summary: RunSummary) -> None:
+    choice = predictor.model_choice
+    signature = spec.signature(choice.name, predictor.model_version, predictor.model_name)
+    parameters = {k: v for k, v in asdict(spec).items()
+                  if k not in ("options", "overwrite", "write_batch", "prefetch", "decode_workers")}
+    if spec.task == "everything":
+        parameters["everything"] = spec.everything_params(predictor.model_name)
     config = dataset.init_run(
-        method="tinysam", task=spec.task, label_field=spec.label_field, model=str(spec.model),
-        model_version=predictor.model_version, engine=spec.engine, precision=spec.precision,
-        device=spec.device, signature=spec.signature(predictor.model_version),
-        parameters={k: v for k, v in asdict(spec).items()
-                    if k not in ("overwrite", "write_batch", "prefetch", "decode_workers")},
+        method="tinysam", task=spec.task, label_field=spec.label_field, model=choice.name,
+        model_requested=choice.requested, model_note=choice.note, model_version=predictor.model_version,
+        engine=spec.options.engine, precision=spec.options.precision, device=spec.options.device,
+        signature=signature, identity=policy.run_identity(predictor.model_version, spec.task, signature),
+        parameters=parameters,
     )
     dataset.register_run(summary.run_key, config, overwrite=True, cleanup=False)
     _save_summary(dataset, summary)
 
 
 def _save_summary(dataset, summary: RunSummary) -> None:
+    summary.heartbeat = _now()
     data = summary.to_dict()
     del data["run_key"]  # init_run_results takes the key positionally
     results = dataset.init_run_results(summary.run_key, **data)
     dataset.save_run_results(summary.run_key, results, overwrite=True, cache=False)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def stale_reason(summary: dict, now: datetime | None = None) -> str | None:
+    """Why a summary that says "running" cannot be running any more (None when it may be)."""
+    if summary.get("status") != "running":
+        return None
+    host, pid = summary.get("host"), summary.get("pid")
+    if host == socket.gethostname() and isinstance(pid, int) and not _process_alive(pid):
+        return f"its process (pid {pid} on {host}) has exited"
+    beat = summary.get("heartbeat")
+    if beat:
+        age = ((now or datetime.now(timezone.utc)) - datetime.fromisoformat(beat)).total_seconds()
+        if age > STALE_AFTER:
+            return f"its process (pid {pid} on {host}) has not reported for {age / 60:.0f} minute(s)"
+    return None
+
+
 def load_summary(dataset, label_field: str) -> dict | None:
-    """The recorded status/counts/errors of the run that wrote `label_field` (None if there is none)."""
+    """The recorded status/counts/errors of the run that wrote `label_field` (None if there is none).
+
+    A run whose process died shows `status: "stale"`, with `stale_reason` and `how_to_continue`."""
     key = run_key_for(label_field)
     if key not in dataset.list_runs():
         return None
     results = dataset.load_run_results(key, cache=False)
-    return None if results is None else {k: getattr(results, k) for k in results.attributes()
-                                         if not k.startswith("_")}
+    if results is None:
+        return None
+    summary = {k: getattr(results, k) for k in results.attributes() if not k.startswith("_")}
+    reason = stale_reason(summary)
+    if reason:
+        summary["status"] = "stale"
+        summary["stale_reason"] = f"the run stopped without finishing: {reason}"
+        how = ("run the same operator (or command) again: samples already written are kept and skipped, "
+               "it continues with the rest")
+        if summary.get("operation_id"):
+            how += (f". Its delegated operation still says running; mark it failed with "
+                    f"`fiftyone delegated fail {summary['operation_id']}`")
+        summary["how_to_continue"] = how
+    return summary
 
 
 # --------------------------------------------------------------------------------------- pipeline
 class _Writer:
     """Buffers per-sample results and writes them in batches; the output field is written last."""
 
-    def __init__(self, dataset, spec: RunSpec, batch: int) -> None:
+    def __init__(self, dataset, spec: RunSpec, batch: int, on_flush: Callable[[], None] | None = None) -> None:
         self.dataset, self.spec, self.batch = dataset, spec, max(1, batch)
+        self.on_flush = on_flush
         self.labels: dict = {}
         self.instances: dict = {}
+        self.metadata: dict = {}
         self.last_flush = time.monotonic()
 
-    def add(self, sample_id: str, detections, instance_map) -> None:
+    def add(self, sample_id: str, detections, instance_map, metadata) -> None:
         self.labels[sample_id] = detections
+        self.metadata[sample_id] = metadata
         if instance_map is not None:
             self.instances[sample_id] = instance_map
         if len(self.labels) >= self.batch or time.monotonic() - self.last_flush > 5.0:
             self.flush()
 
     def flush(self) -> None:
+        if self.metadata:
+            self.dataset.set_values("metadata", self.metadata, key_field="id", progress=False)
         if self.instances:
             self.dataset.set_values(self.spec.instance_map_field, self.instances, key_field="id", progress=False)
         if self.labels:
             self.dataset.set_values(self.spec.label_field, self.labels, key_field="id", progress=False)
-        self.labels, self.instances = {}, {}
+        self.labels, self.instances, self.metadata = {}, {}, {}
         self.last_flush = time.monotonic()
+        if self.on_flush is not None:
+            self.on_flush()
 
 
 def _sample_mask_dir(spec: RunSpec, sample_id: str) -> str | None:
@@ -297,27 +409,73 @@ def _prompt_values(samples, spec: RunSpec, ids: list[str], chunk: int = 64) -> I
             yield by_name.get(spec.box_field), by_name.get(spec.point_field)
 
 
+def image_metadata(path: str, image):
+    """FiftyOne's `ImageMetadata` for a sample whose image was just decoded (size from the pixels)."""
+    import fiftyone as fo
+
+    h, w = image.shape[:2]
+    channels = image.shape[2] if image.ndim == 3 else 1
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    return fo.ImageMetadata(width=w, height=h, num_channels=channels, size_bytes=size)
+
+
+def _update_failed_tags(dataset, failed: list[str], succeeded: list[str]) -> None:
+    if failed:
+        dataset.select(failed).tag_samples(FAILED_TAG)
+    if succeeded:
+        dataset.select(succeeded).untag_samples(FAILED_TAG)
+
+
 def run_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None = None,
-                     progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> RunSummary:
-    """Segment the target samples into `spec.label_field`; see the module docstring for guarantees."""
+                     progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+                     remedy: str = APP_REMEDY, operation_id: str | None = None) -> RunSummary:
+    """Segment the target samples into `spec.label_field`; see the module docstring for guarantees.
+
+    `remedy` is how the caller's user picks another output (the App's and the CLI's words differ)."""
+    for update in iter_segmentation(samples, spec, predictor, cancel, remedy, operation_id):
+        if isinstance(update, RunSummary):
+            return update
+        if progress is not None:
+            progress(*update)
+    raise AssertionError("iter_segmentation ends with its summary")
+
+
+def iter_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None = None,
+                      cancel: threading.Event | None = None, remedy: str = APP_REMEDY,
+                      operation_id: str | None = None) -> Iterator[tuple[int, int, str] | RunSummary]:
+    """`run_segmentation` as a generator: yields (done, total, file name) after every sample and finally the
+    summary, for callers that report progress by yielding (App operators)."""
     from tinysam_kit.integrations.fiftyone.predictors import get_predictor
 
     validate_spec(samples, spec)
-    predictor = predictor or get_predictor(spec.model, spec.engine, spec.precision, spec.device)
+    predictor = predictor or get_predictor(spec.options)
     dataset = samples._dataset
     t0 = time.perf_counter()
-    ids, paths, already = plan_run(samples, spec, predictor.model_version)
+    ids, paths, already = plan_run(samples, spec, predictor, remedy)
+    choice = predictor.model_choice
     summary = RunSummary(spec.label_field, run_key_for(spec.label_field), total=len(ids) + already,
-                         already_done=already)
+                         already_done=already, model=choice.name, model_note=choice.note, operation_id=operation_id)
     _record_run(dataset, spec, predictor, summary)
+    last_beat = [time.monotonic()]
+    succeeded: list[str] = []
+
+    def beat(force: bool = False) -> None:
+        if force or time.monotonic() - last_beat[0] > HEARTBEAT_SECONDS:
+            last_beat[0] = time.monotonic()
+            summary.seconds = time.perf_counter() - t0
+            _save_summary(dataset, summary)
+
     prompts_iter = _prompt_values(samples, spec, ids) if spec.task == "prompts" else itertools.repeat((None, None))
     items = ((i, p, next(prompts_iter)) for i, p in zip(ids, paths))
-    writer = _Writer(dataset, spec, spec.write_batch)
+    writer = _Writer(dataset, spec, spec.write_batch, on_flush=beat)
     everything = None
     if spec.task == "everything":
         from tinysam_kit.inference.everything import EverythingGenerator
 
-        everything = EverythingGenerator(predictor, spec.mode, **spec.everything)
+        everything = EverythingGenerator(predictor, spec.mode, **spec.everything_params(predictor.model_name))
     try:
         for n, ((sample_id, path, prompt_labels), image, error) in enumerate(
                 prefetch_images(items, lambda item: load_image(item[1]), spec.prefetch, spec.decode_workers), 1):
@@ -328,20 +486,21 @@ def run_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None 
                 try:
                     detections, instance_map = _segment_sample(predictor, everything, spec, sample_id, image,
                                                                prompt_labels, summary)
-                    writer.add(sample_id, detections, instance_map)
+                    writer.add(sample_id, detections, instance_map, image_metadata(path, image))
+                    succeeded.append(sample_id)
                     summary.processed += 1
                     summary.masks += len(detections.detections)
                 except PromptError as exc:
                     error = exc
             if error is not None:
                 summary.errors.append({"sample_id": sample_id, "filepath": path, "error": str(error)})
-            if progress is not None:
-                progress(n, len(ids), os.path.basename(path))
+            beat()
+            yield n, len(ids), os.path.basename(path)
         writer.flush()
         if summary.status == "running":
             summary.status = "completed" if not summary.errors else "completed_with_errors"
     except BaseException as exc:
-        summary.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        summary.status = {KeyboardInterrupt: "interrupted", GeneratorExit: "cancelled"}.get(type(exc), "failed")
         try:
             writer.flush()  # the buffered samples are complete: keep them for the resume
         except Exception:  # noqa: BLE001 - the original error matters more than a failed final write
@@ -349,8 +508,9 @@ def run_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None 
         raise
     finally:
         summary.seconds = time.perf_counter() - t0
+        _update_failed_tags(dataset, [e["sample_id"] for e in summary.errors], succeeded)
         _save_summary(dataset, summary)
-    return summary
+    yield summary
 
 
 def _segment_sample(predictor, everything, spec: RunSpec, sample_id: str, image, prompt_labels,

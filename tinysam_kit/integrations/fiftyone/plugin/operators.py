@@ -9,47 +9,90 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from tinysam_kit.data.images import ImageError, load_image
+from tinysam_kit.inference import policy
 from tinysam_kit.inference.predictor import PromptError
 from tinysam_kit.integrations.fiftyone import labels as L
 from tinysam_kit.integrations.fiftyone.predictors import get_predictor
 from tinysam_kit.integrations.fiftyone.runner import (
+    APP_REMEDY,
+    EVERYTHING_PARAMS,
     RunError,
     RunSpec,
+    RunSummary,
     check_field_name,
     check_image_collection,
     field_type_name,
+    iter_segmentation,
     load_summary,
+    output_conflict,
     run_key_for,
     run_segmentation,
 )
 
-ENGINES = ("torch", "onnx")
-PRECISIONS = ("fp32", "fp16", "int8")
-DEVICES = ("auto", "cpu", "cuda")
 ERRORS_SHOWN = 20
-
-
-def default_model() -> str:
-    return "auto"  # official TinySAM if its weights can be had, else the bundled demo model
+# FiftyOne shows the progress of an immediate operator only when `execute` yields it, and then the App reads
+# the operator's messages as a stream (`execute_as_generator`). Requests from the App carry its state (the open
+# sample, the selections); Python callers of `execute_operator` send only what they pass and get the run
+# summary as the operator's result. `stream_progress` forces either way.
+STREAM_PARAM = "stream_progress"
+APP_STATE_KEYS = ("current_sample", "selected", "selected_labels")
+EVERYTHING_FIELDS = {  # parameter: (label, description, kind)
+    "points_per_side": ("Points per side", "Grid of single-point prompts per image side", int),
+    "pred_iou_thresh": ("Predicted IoU threshold", "Keep masks whose predicted IoU is above this", float),
+    "stability_score_thresh": ("Stability threshold", "Keep masks that stay the same when the threshold moves",
+                               float),
+    "box_nms_thresh": ("Box NMS threshold", "Drop masks whose box overlaps a better one by more", float),
+    "min_mask_region_area": ("Minimum area (pixels)", "Remove holes and islands smaller than this", int),
+    "max_masks": ("Maximum masks per image", "Keep at most this many masks per image", int),
+    "max_area_fraction": ("Maximum area fraction",
+                          "Drop masks covering more than this fraction of the image (background, whole scene)",
+                          float),
+}
+assert set(EVERYTHING_FIELDS) == set(EVERYTHING_PARAMS)
 
 
 # ------------------------------------------------------------------------------ shared form parts
 def _model_inputs(inputs: types.Object) -> None:
-    inputs.str("model", default=default_model(), label="Model",
+    defaults = policy.EngineOptions()
+    inputs.str("model", default=defaults.model, label="Model",
                description="auto (official TinySAM, else the bundled demo), a registered model (tinysam, "
                            "tinysam-v1, mobilesam, demo) or a checkpoint path")
-    inputs.enum("engine", list(ENGINES), default="torch", label="Engine",
+    inputs.enum("engine", list(policy.ENGINES), default=defaults.engine, label="Engine",
                 view=types.RadioGroup(orientation="horizontal"))
-    inputs.enum("precision", list(PRECISIONS), default="fp32", label="Precision",
+    inputs.enum("precision", list(policy.PRECISIONS), default=defaults.precision, label="Precision",
                 description="int8: ONNX engine, or torch on x86 CPUs with VNNI/AMX; fp16 needs a GPU",
                 view=types.RadioGroup(orientation="horizontal"))
-    inputs.enum("device", list(DEVICES), default="auto", label="Device",
-                view=types.RadioGroup(orientation="horizontal"))
+    inputs.str("device", default=defaults.device, label="Device", description="auto, cpu, cuda or cuda:N")
 
 
-def _output_inputs(ctx, inputs: types.Object, default_field: str) -> None:
+def _options(ctx) -> policy.EngineOptions:
+    try:
+        return policy.EngineOptions.from_mapping(ctx.params)
+    except policy.PolicyError as exc:
+        raise RunError(str(exc)) from exc
+
+
+def _model_name(ctx) -> tuple[str, str | None]:
+    """(the model a run would use, the note when `auto` falls back to the demo model) for forms."""
+    try:
+        choice = policy.resolve_model(ctx.params.get("model") or policy.AUTO)
+    except Exception as exc:  # noqa: BLE001 - a form shows the reason; the run raises it
+        return str(ctx.params.get("model") or policy.AUTO), str(exc)
+    return choice.name, choice.note
+
+
+def _output_inputs(ctx, inputs: types.Object, default_field: str, spec: RunSpec | None) -> None:
+    """Output field, overwrite, masks on disk; the field is marked invalid while the run could not write it."""
+    conflict = None
+    field = ctx.params.get("label_field") or default_field
+    if spec is not None and ctx.dataset is not None:
+        try:
+            conflict = output_conflict(ctx.dataset, spec, _model_name(ctx)[0])
+        except RunError as exc:
+            conflict = str(exc)
     inputs.str("label_field", default=default_field, required=True, label="Output field",
-               description="New Detections field that receives the instance masks")
+               description="New Detections field that receives the instance masks",
+               invalid=conflict is not None, error_message=conflict or "")
     inputs.bool("overwrite", default=False, label="Overwrite",
                 description="Replace the output field's values on the target samples if it already exists")
     inputs.bool("masks_on_disk", default=False, label="Store masks on disk",
@@ -57,15 +100,12 @@ def _output_inputs(ctx, inputs: types.Object, default_field: str) -> None:
     if ctx.params.get("masks_on_disk", False):
         inputs.str("mask_dir", required=True, label="Mask directory",
                    description="Masks go to <dir>/<field>/<sample id>/<i>.png")
-    field = ctx.params.get("label_field") or default_field
-    if ctx.dataset is not None and field in ctx.dataset.get_field_schema():
-        if run_key_for(field) in ctx.dataset.list_runs():
-            inputs.view("resume_notice", types.Notice(
-                label=f"'{field}' holds a TinySAM run: samples already done are skipped (resume) unless "
-                      "you tick Overwrite"))
-        elif not ctx.params.get("overwrite", False):
-            inputs.view("exists_warning", types.Warning(
-                label=f"Field '{field}' already exists; choose another name or tick Overwrite"))
+    if conflict:
+        inputs.view("output_conflict", types.Error(label=conflict))
+    elif ctx.dataset is not None and field in ctx.dataset.get_field_schema() and not ctx.params.get("overwrite"):
+        inputs.view("resume_notice", types.Notice(
+            label=f"'{field}' holds a TinySAM run with these settings: samples already done are skipped "
+                  "(resume) unless you tick Overwrite"))
 
 
 def _media_error(ctx, inputs: types.Object) -> bool:
@@ -92,37 +132,95 @@ def _common_spec(ctx, task: str) -> dict:
         write_batch = 0
     if write_batch < 1:
         raise RunError(f"write_batch must be a positive integer, got {p.get('write_batch')!r}")
-    return dict(task=task, label_field=(p.get("label_field") or "").strip(), model=p.get("model") or default_model(),
-                engine=p.get("engine", "torch"), precision=p.get("precision", "fp32"),
-                device=p.get("device", "auto"), overwrite=bool(p.get("overwrite", False)), mask_dir=mask_dir,
-                write_batch=write_batch)
+    return dict(task=task, label_field=(p.get("label_field") or "").strip(), options=_options(ctx),
+                overwrite=bool(p.get("overwrite", False)), mask_dir=mask_dir, write_batch=write_batch)
 
 
-def _progress(ctx):
-    last = [0.0]
+def _everything_spec(ctx) -> RunSpec:
+    p = ctx.params
+    everything = {}
+    for name, (_, _, kind) in EVERYTHING_FIELDS.items():
+        value = p.get(name)
+        if value is not None and value != "":
+            everything[name] = kind(value)
+    return RunSpec(**_common_spec(ctx, "everything"), mode=p.get("mode") or "hierarchical",
+                   everything=everything, label=p.get("label") or "object",
+                   instance_map_field=(p.get("instance_map_field") or "").strip() or None)
 
-    def report(n: int, total: int, name: str) -> None:
-        now = time.monotonic()
-        if n == total or now - last[0] > 1.0:  # each report is a database write when delegated
-            last[0] = now
-            ctx.set_progress(progress=n / max(total, 1), label=f"{n}/{total} {name}")
 
-    return report
+def _prompts_spec(ctx) -> RunSpec:
+    p = ctx.params
+    return RunSpec(**_common_spec(ctx, "prompts"), box_field=p.get("box_field") or None,
+                   point_field=p.get("point_field") or None,
+                   point_label_attribute=p.get("point_label_attribute") or None)
 
 
-def _finish(ctx, summary) -> dict:
+def _form_spec(ctx, build) -> RunSpec | None:
+    try:
+        return build(ctx)
+    except (RunError, TypeError, ValueError):
+        return None  # the field concerned shows its own error; the run raises it
+
+
+def _result(summary: RunSummary) -> dict:
     result = summary.to_dict()
     result["errors"] = result["errors"][:ERRORS_SHOWN]
     result["message"] = summary.message()
-    if not ctx.delegated:
-        ctx.ops.notify(result["message"], variant="warning" if summary.errors else "success")
-        ctx.ops.reload_dataset()
     return result
 
 
-def _summary_outputs(ctx) -> types.Property:
+def _run(ctx, spec: RunSpec):
+    """Delegated or from Python: run and return the summary. Immediate from the App: a generator that streams
+    progress to the App, then the summary, a notification and a reload."""
+    operation_id = getattr(ctx, "_delegated_operation_id", None)
+    if ctx.delegated or not _from_app(ctx):
+        last = [0.0]
+
+        def report(n: int, total: int, name: str) -> None:
+            now = time.monotonic()
+            if n == total or now - last[0] > 1.0:  # each report is a database write when delegated
+                last[0] = now
+                ctx.set_progress(progress=n / max(total, 1), label=f"{n}/{total} {name}")
+
+        summary = run_segmentation(ctx.target_view(), spec, progress=report,
+                                   operation_id=str(operation_id) if operation_id else None)
+        if not ctx.delegated:
+            ctx.ops.notify(summary.message(), variant="warning" if summary.errors else "success")
+            ctx.ops.reload_dataset()
+        return _result(summary)
+    return _stream(ctx, spec)
+
+
+def _from_app(ctx) -> bool:
+    forced = ctx.params.get(STREAM_PARAM)
+    if forced is not None:
+        return bool(forced)
+    return all(key in ctx.request_params for key in APP_STATE_KEYS)
+
+
+def _stream(ctx, spec: RunSpec):
+    last = 0.0
+    yield ctx.ops.set_progress(label=f"Loading the model for '{spec.label_field}'", variant="linear")
+    for update in iter_segmentation(ctx.target_view(), spec):
+        if isinstance(update, RunSummary):
+            result = _result(update)
+            yield ctx.ops.set_progress(label=update.message(), progress=1.0)
+            yield ctx.ops.notify(result["message"], variant="warning" if update.errors else "success")
+            yield ctx.ops.reload_dataset()
+            yield ctx.ops.show_output(_summary_outputs().to_json(), result)
+            return
+        n, total, name = update
+        now = time.monotonic()
+        if n == total or now - last > 0.5:
+            last = now
+            yield ctx.ops.set_progress(label=f"{n}/{total} images segmented ({name})", progress=n / max(total, 1))
+
+
+def _summary_outputs() -> types.Property:
     outputs = types.Object()
     outputs.str("message", label="Summary")
+    outputs.str("model", label="Model used")
+    outputs.str("model_note", label="Model note")
     outputs.int("processed", label="Samples segmented")
     outputs.int("already_done", label="Already done (skipped)")
     outputs.int("failed", label="Failed")
@@ -132,13 +230,13 @@ def _summary_outputs(ctx) -> types.Property:
 
 
 class _LongOperator(foo.Operator):
-    """Dataset-wide work: delegated by default, immediate on request."""
+    """Dataset-wide work: delegated by default, immediate on request (then with progress in the App)."""
 
     def resolve_delegation(self, ctx):
         return None  # let the user (or the caller's request_delegation) choose; the default is delegated
 
     def resolve_output(self, ctx):
-        return _summary_outputs(ctx)
+        return _summary_outputs()
 
 
 # ------------------------------------------------------------------------------------- operators
@@ -149,7 +247,7 @@ class SegmentEverything(_LongOperator):
             name="segment_everything", label="TinySAM: Segment everything",
             description="Automatic instance masks for every object (TinySAM hierarchical or dense grid)",
             dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
-            default_choice_to_delegated=True, icon="auto_awesome")
+            default_choice_to_delegated=True, execute_as_generator=True, icon="auto_awesome")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -157,35 +255,34 @@ class SegmentEverything(_LongOperator):
             return types.Property(inputs, view=types.View(label="TinySAM: Segment everything"))
         inputs.view_target(ctx, action_description="Segment")
         _model_inputs(inputs)
+        model_name, note = _model_name(ctx)
+        if note:
+            inputs.view("model_note", types.Notice(label=f"Model: {model_name}. {note}"))
         inputs.enum("mode", ["hierarchical", "dense"], default="hierarchical", label="Mode",
                     description="hierarchical: TinySAM's sparse-then-fill strategy (faster); dense: full grid",
                     view=types.RadioGroup(orientation="horizontal"))
-        inputs.int("points_per_side", default=32, min=2, label="Points per side")
-        inputs.float("pred_iou_thresh", default=0.88, min=0.0, max=1.0, label="Predicted IoU threshold")
-        inputs.float("stability_score_thresh", default=0.95, min=0.0, max=1.0, label="Stability threshold")
-        inputs.float("box_nms_thresh", default=0.7, min=0.0, max=1.0, label="Box NMS threshold")
-        inputs.int("min_mask_region_area", default=0, min=0, label="Minimum area (pixels)",
-                   description="Remove holes and islands smaller than this")
-        inputs.int("max_masks", default=0, min=0, label="Maximum masks per image (0 = no limit)")
+        spec = _form_spec(ctx, _everything_spec)
+        used = policy.everything_summary(model_name, spec.everything if spec else {})
+        own = policy.everything_summary(model_name, {})
+        for name, (label, description, kind) in EVERYTHING_FIELDS.items():
+            default = "no limit" if own[name] is None else own[name]
+            kwargs = {"min": 0} if kind is int else {"min": 0.0, "max": 1.0}
+            getattr(inputs, "int" if kind is int else "float")(
+                name, required=False, label=label,
+                description=f"{description}. Empty: {model_name}'s own ({default})", **kwargs)
+        values = ", ".join(f"{name} {'no limit' if v is None else v}" for name, v in used.items())
+        inputs.view("everything_used", types.Notice(label=f"This run will use: {values}"))
         inputs.str("label", default="object", label="Label name")
         inputs.str("instance_map_field", required=False, label="Instance map field (optional)",
                    description="Also write a Segmentation whose pixel values are instance numbers")
-        _output_inputs(ctx, inputs, "tinysam_everything")
+        _output_inputs(ctx, inputs, "tinysam_everything", spec)
         return types.Property(inputs, view=types.View(label="TinySAM: Segment everything"))
 
     def resolve_run_name(self, ctx):
         return f"TinySAM everything → {ctx.params.get('label_field', '')}"
 
     def execute(self, ctx):
-        p = ctx.params
-        everything = {name: p[name] for name in ("points_per_side", "pred_iou_thresh", "stability_score_thresh",
-                                                 "box_nms_thresh", "min_mask_region_area") if p.get(name) is not None}
-        if p.get("max_masks"):
-            everything["max_masks"] = int(p["max_masks"])
-        spec = RunSpec(**_common_spec(ctx, "everything"), mode=p.get("mode", "hierarchical"),
-                       everything=everything, label=p.get("label") or "object",
-                       instance_map_field=(p.get("instance_map_field") or "").strip() or None)
-        return _finish(ctx, run_segmentation(ctx.target_view(), spec, progress=_progress(ctx)))
+        return _run(ctx, _everything_spec(ctx))
 
 
 class SegmentWithPrompts(_LongOperator):
@@ -195,7 +292,7 @@ class SegmentWithPrompts(_LongOperator):
             name="segment_with_prompts", label="TinySAM: Segment from prompts",
             description="Instance masks from the boxes of a Detections field and/or the points of a Keypoints field",
             dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
-            default_choice_to_delegated=True, icon="ads_click")
+            default_choice_to_delegated=True, execute_as_generator=True, icon="ads_click")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -205,29 +302,68 @@ class SegmentWithPrompts(_LongOperator):
         schema = ctx.dataset.get_field_schema() if ctx.dataset is not None else {}
         box_fields = [n for n in schema if field_type_name(schema, n) == "Detections"]
         point_fields = [n for n in schema if field_type_name(schema, n) == "Keypoints"]
+        missing = not ctx.params.get("box_field") and not ctx.params.get("point_field")
+        need = "Choose a box prompt field and/or a point prompt field"
         inputs.enum("box_field", box_fields, required=False, label="Box prompts (Detections field)",
-                    view=types.DropdownView())
+                    invalid=missing, error_message=need if missing else "", view=types.DropdownView())
         inputs.enum("point_field", point_fields, required=False, label="Point prompts (Keypoints field)",
                     description="Per-point positive (1) / negative (0) labels come from the attribute below",
-                    view=types.DropdownView())
+                    invalid=missing, error_message=need if missing else "", view=types.DropdownView())
         inputs.str("point_label_attribute", default="sam_labels", label="Point label attribute",
                    description="Keypoint attribute with one 0/1 per point (missing: all positive)")
         if not box_fields and not point_fields:
-            inputs.view("no_prompts", types.Warning(
+            inputs.view("no_prompts", types.Error(
                 label="This dataset has no Detections or Keypoints field to prompt with"))
+        elif missing:
+            inputs.view("no_prompt_field", types.Error(label=need))
         _model_inputs(inputs)
-        _output_inputs(ctx, inputs, "tinysam_masks")
+        _output_inputs(ctx, inputs, "tinysam_masks", _form_spec(ctx, _prompts_spec))
         return types.Property(inputs, view=types.View(label="TinySAM: Segment from prompts"))
 
     def resolve_run_name(self, ctx):
         return f"TinySAM prompts → {ctx.params.get('label_field', '')}"
 
     def execute(self, ctx):
-        p = ctx.params
-        spec = RunSpec(**_common_spec(ctx, "prompts"), box_field=p.get("box_field") or None,
-                       point_field=p.get("point_field") or None,
-                       point_label_attribute=p.get("point_label_attribute") or None)
-        return _finish(ctx, run_segmentation(ctx.target_view(), spec, progress=_progress(ctx)))
+        spec = _prompts_spec(ctx)
+        if not spec.box_field and not spec.point_field:
+            raise RunError("give a box prompt field (Detections) and/or a point prompt field (Keypoints)")
+        return _run(ctx, spec)
+
+
+def _selection(ctx, field: str) -> tuple[dict[str, list], int]:
+    """The selected boxes/keypoints by sample ({sample id: [(field, kind, label id)]}) and how many other
+    selected labels are ignored."""
+    schema = ctx.dataset.get_field_schema()
+    by_sample: dict[str, list] = {}
+    ignored = 0
+    for sel in ctx.selected_labels or []:
+        kind = field_type_name(schema, sel.get("field"))
+        if kind not in ("Detections", "Keypoints") or sel.get("field") == field or sel.get("frame_number"):
+            ignored += 1
+            continue
+        by_sample.setdefault(sel["sample_id"], []).append((sel["field"], kind, sel["label_id"]))
+    return by_sample, ignored
+
+
+def _selection_text(by_sample: dict, ignored: int) -> str:
+    n = sum(len(v) for v in by_sample.values())
+    text = f"{n} selected label(s) on {len(by_sample)} sample(s)"
+    if ignored:
+        text += f"; {ignored} other selected label(s) ignored (not boxes/keypoints)"
+    return text
+
+
+def _selected_output_error(dataset, field: str, overwrite: bool) -> str | None:
+    try:
+        check_field_name(field, "output field")
+    except RunError as exc:
+        return str(exc)
+    have = field_type_name(dataset.get_field_schema(), field)
+    if have is not None and have != "Detections":
+        return f"field {field!r} already exists as {have}; choose another output field"
+    if have is not None and not overwrite and run_key_for(field) not in dataset.list_runs():
+        return f"field {field!r} already exists and was not written by TinySAM; {APP_REMEDY}"
+    return None
 
 
 class SegmentSelectedLabels(foo.Operator):
@@ -245,14 +381,23 @@ class SegmentSelectedLabels(foo.Operator):
         inputs = types.Object()
         if _media_error(ctx, inputs):
             return types.Property(inputs)
-        if not ctx.selected_labels:
-            inputs.view("no_selection", types.Warning(
-                label="Select boxes (Detections) or keypoints in the App first"))
+        field = (ctx.params.get("label_field") or "tinysam_masks").strip()
+        by_sample, ignored = _selection(ctx, field)
+        if not by_sample:
+            inputs.view("no_selection", types.Error(
+                label="Select boxes (Detections) or keypoints in the App first"
+                      + (f" ({ignored} selected label(s) are neither)" if ignored else "")))
+        else:
+            inputs.view("selection", types.Notice(label="Will segment " + _selection_text(by_sample, ignored)))
         _model_inputs(inputs)
-        inputs.str("label_field", default="tinysam_masks", required=True, label="Output field")
+        problem = _selected_output_error(ctx.dataset, field, bool(ctx.params.get("overwrite")))
+        inputs.str("label_field", default="tinysam_masks", required=True, label="Output field",
+                   invalid=problem is not None, error_message=problem or "")
         inputs.str("point_label_attribute", default="sam_labels", label="Point label attribute")
         inputs.bool("overwrite", default=False, label="Overwrite",
                     description="Allow writing into an existing field that TinySAM did not create")
+        if problem:
+            inputs.view("output_problem", types.Error(label=problem))
         return types.Property(inputs, view=types.View(label="TinySAM: Segment selected labels"))
 
     def execute(self, ctx):
@@ -260,28 +405,16 @@ class SegmentSelectedLabels(foo.Operator):
         dataset = ctx.dataset
         check_image_collection(dataset)
         field = (p.get("label_field") or "").strip()
-        spec = RunSpec(task="prompts", label_field=field)
-        check_field_name(field, "output field")
+        problem = _selected_output_error(dataset, field, bool(p.get("overwrite", False)))
+        if problem:
+            raise RunError(problem)
         schema = dataset.get_field_schema()
-        have = field_type_name(schema, field)
-        if have is not None and have != "Detections":
-            raise RunError(f"field {field!r} already exists as {have}; choose another output field")
-        if have is not None and not p.get("overwrite", False) and run_key_for(field) not in dataset.list_runs():
-            raise RunError(f"field {field!r} already exists and was not written by TinySAM; choose another "
-                           "output field or tick overwrite")
-        by_sample: dict[str, list] = {}
-        ignored = 0
-        for sel in ctx.selected_labels:
-            kind = field_type_name(schema, sel.get("field"))
-            if kind not in ("Detections", "Keypoints") or sel.get("field") == field or sel.get("frame_number"):
-                ignored += 1
-                continue
-            by_sample.setdefault(sel["sample_id"], []).append((sel["field"], kind, sel["label_id"]))
+        new_field = field not in schema
+        by_sample, ignored = _selection(ctx, field)
         if not by_sample:
             raise PromptError("no usable selection: select boxes (Detections) or keypoints (Keypoints) "
                               "in the App, not masks or classifications")
-        predictor = get_predictor(p.get("model") or default_model(), p.get("engine", "torch"),
-                                  p.get("precision", "fp32"), p.get("device", "auto"))
+        predictor = get_predictor(_options(ctx))
         written = 0
         for sample_id, picks in by_sample.items():
             sample = dataset[sample_id]
@@ -310,26 +443,29 @@ class SegmentSelectedLabels(foo.Operator):
             sample[field] = type(new)(detections=kept + new.detections)
             sample.save()
             written += len(new.detections)
+        choice = predictor.model_choice
         if run_key_for(field) not in dataset.list_runs():
             config = dataset.init_run(method="tinysam", task="selected_labels", label_field=field,
-                                      model=str(spec.model), model_version=predictor.model_version)
+                                      model=choice.name, model_requested=choice.requested,
+                                      model_note=choice.note, model_version=predictor.model_version)
             dataset.register_run(run_key_for(field), config, cleanup=False)
-        message = f"{written} mask(s) written to '{field}' on {len(by_sample)} sample(s)"
-        if ignored:
-            message += f"; {ignored} selected label(s) ignored (not boxes/keypoints)"
+        message = f"{written} mask(s) written to '{field}' from {_selection_text(by_sample, ignored)}"
+        message += f"; model: {choice.name}"
+        if choice.note:
+            message += " (the bundled demo model: `auto` found no official weights)"
         if not ctx.delegated:
             ctx.ops.notify(message, variant="success")
-            ctx.ops.reload_samples()
-        return {"message": message, "masks": written, "samples": len(by_sample)}
-
-    def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.str("message", label="Result")
-        return types.Property(outputs)
+            if new_field:
+                ctx.ops.reload_dataset()  # the sidebar learns the new field
+            ctx.ops.reload_samples()  # the grid shows the new masks
+        # The notification says it all; no result dialog over the sample the user is working on.
+        return {"message": message, "masks": written, "samples": len(by_sample), "model": choice.name,
+                "model_note": choice.note}
 
 
 class ShowRunSummary(foo.Operator):
-    """Status, counts and per-sample errors of the TinySAM run behind a field."""
+    """Status, counts and per-sample errors of the TinySAM run behind a field; a run whose process died is
+    reported as stale, with how to continue it."""
 
     @property
     def config(self):
@@ -351,10 +487,15 @@ class ShowRunSummary(foo.Operator):
         if not field:
             raise RunError("no TinySAM run selected")
         info = ctx.dataset.get_run_info(run_key_for(field)).config.serialize()
-        return {"config": info, "summary": load_summary(ctx.dataset, field)}
+        summary = load_summary(ctx.dataset, field)
+        status = (summary or {}).get("status", "recorded")
+        if status == "stale":
+            status = f"stale: {summary['stale_reason']}. To continue: {summary['how_to_continue']}"
+        return {"status": status, "config": info, "summary": summary}
 
     def resolve_output(self, ctx):
         outputs = types.Object()
+        outputs.str("status", label="Status")
         outputs.obj("config", label="Run configuration", view=types.JSONView())
         outputs.obj("summary", label="Run summary", view=types.JSONView())
         return types.Property(outputs)

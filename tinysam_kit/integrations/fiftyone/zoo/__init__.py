@@ -2,12 +2,12 @@
 then `foz.load_zoo_model("tinysam")`.
 
 FiftyOne imports this file by path, so it only uses absolute imports of the installed tinysam-kit package.
-Weights come from tinysam-kit's registry (checksum-verified downloads, or the bundled demo model).
+Weights come from tinysam-kit's registry (checksum-verified downloads, or the bundled demo model): the file
+FiftyOne keeps at the zoo's model path names the registered model, and loading resolves its weights.
 """
 
 import json
 import os
-import shutil
 
 ZOO_TO_REGISTRY = {
     "tinysam": "tinysam",
@@ -15,6 +15,7 @@ ZOO_TO_REGISTRY = {
     "mobilesam-tinysam-kit": "mobilesam",
     "tinysam-demo": "demo",
 }
+POINTER_KEY = "tinysam_kit_model"
 
 
 def _registry_name(model_name):
@@ -25,31 +26,42 @@ def _registry_name(model_name):
 
 
 def download_model(model_name, model_path):
-    """Put the weights at `model_path` (plus a `<file>.json` architecture sidecar)."""
-    from tinysam_kit.models.registry import resolve_weights
-
-    source, spec = resolve_weights(_registry_name(model_name))
+    """Record at `model_path` which registered model this zoo entry is (its weights are fetched, checksum
+    verified, by the registry the first time it loads)."""
+    name = _registry_name(model_name)
     os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
     tmp = model_path + ".part"
-    shutil.copyfile(source, tmp)
+    with open(tmp, "w") as fh:
+        json.dump({POINTER_KEY: name}, fh)
     os.replace(tmp, model_path)
-    with open(model_path + ".json", "w") as fh:
-        json.dump({"config": spec.config.to_dict()}, fh)
+
+
+def _model_reference(model_path):
+    """The registered name a pointer file holds, else the path itself (weights placed there by hand)."""
+    try:
+        with open(model_path) as fh:
+            return json.load(fh)[POINTER_KEY]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return model_path
 
 
 def load_model(model_name, model_path, **kwargs):
-    """A `TinySamModel`; kwargs: engine, precision, device, mode, everything, label, point_label_attribute."""
+    """A `TinySamModel`; kwargs: engine, precision, device, threads, mode, everything, label,
+    point_label_attribute."""
     from tinysam_kit.integrations.fiftyone.model import TinySamModel
 
     _registry_name(model_name)
-    return TinySamModel(model=model_path, **kwargs)
+    return TinySamModel(model=_model_reference(model_path), **kwargs)
 
 
 def resolve_input(model_name, ctx):
     import fiftyone.operators.types as types
 
+    from tinysam_kit.inference.policy import ENGINES, PRECISIONS, EngineOptions
+
+    defaults = EngineOptions()
     inputs = types.Object()
-    inputs.enum("engine", ["torch", "onnx"], default="torch", label="Engine")
-    inputs.enum("precision", ["fp32", "fp16", "int8"], default="fp32", label="Precision")
-    inputs.enum("device", ["auto", "cpu", "cuda"], default="auto", label="Device")
+    inputs.enum("engine", list(ENGINES), default=defaults.engine, label="Engine")
+    inputs.enum("precision", list(PRECISIONS), default=defaults.precision, label="Precision")
+    inputs.str("device", default=defaults.device, label="Device", description="auto, cpu, cuda or cuda:N")
     return types.Property(inputs)
