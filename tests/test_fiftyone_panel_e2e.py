@@ -2,10 +2,10 @@
 Chromium through Playwright, with the bundled demo model (what `auto` resolves to offline).
 
 Open a sample, open the panel, click on the red rectangle (the panel's picture shows the mask), Shift+click
-the background (a negative point), save (the panel outlines the saved mask, the sidebar gets the new field),
-drag a box around the blue rectangle in box mode, then see the mask in the grid and the field in the reopened
-modal, all without reloading the page. Screenshots go to $TINYSAM_TEST_ARTIFACTS/panel (default
-test-artifacts/panel); the test prints the folder."""
+the background (a negative point), name the label and save (the panel outlines the saved mask, the sidebar
+gets the new field), drag a box around the blue rectangle in box mode, then see the mask in the grid and the
+field in the reopened modal, all without reloading the page. Screenshots go to $TINYSAM_TEST_ARTIFACTS/panel
+(default test-artifacts/panel); the test prints the folder."""
 
 from __future__ import annotations
 
@@ -156,8 +156,10 @@ def test_click_to_segment_panel_saves_a_mask(tmp_path):
                 assert changed(original[inside_xy], after), f"the mask left the red rectangle ({after})"
 
                 # Save: a notification; the panel outlines the saved mask and the new field is in the sidebar.
+                page.locator("[data-cy=modal] input[value=object]").first.fill("red box")
+                page.wait_for_timeout(1000)  # the panel's state learns the edit
                 page.get_by_role("button", name="Save", exact=True).click()
-                page.get_by_text("Saved 'object' to 'tinysam_clicks'").first.wait_for(timeout=60_000)
+                page.get_by_text("Saved 'red box' to 'tinysam_clicks'").first.wait_for(timeout=60_000)
                 page.get_by_text("1 saved in 'tinysam_clicks'", exact=False).first.wait_for(timeout=60_000)
                 page.wait_for_selector("[data-cy=sidebar-field-tinysam_clicks]", timeout=30_000)
                 page.wait_for_timeout(1000)
@@ -209,7 +211,7 @@ def test_click_to_segment_panel_saves_a_mask(tmp_path):
                 browser.close()
         dataset.reload()
         detections = dataset.first().tinysam_clicks.detections
-        assert [d.label for d in detections] == ["object"]
+        assert [d.label for d in detections] == ["red box"]
         det = detections[0]
         x, y, w, h = det.bounding_box
         mask = np.zeros((240, 320), dtype=bool)
