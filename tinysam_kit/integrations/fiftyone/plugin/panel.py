@@ -47,7 +47,7 @@ NEGATIVE_COLOR = (230, 0, 0)
 BOX_COLOR = (255, 215, 0)
 SAVED_COLOR = (255, 140, 0)
 CACHED_IMAGES = 4
-CACHED_PREVIEWS = 16
+CACHED_PREVIEWS = 8  # each holds a full-resolution mask
 TRANSPARENT = [[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]]
 
 _lock = threading.Lock()
