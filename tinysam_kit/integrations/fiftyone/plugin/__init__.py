@@ -3,12 +3,16 @@ resumable dataset-wide pre-annotation.
 
 FiftyOne loads this file by path under a synthetic module name, so the operators are imported with
 absolute imports (tinysam-kit must be installed in FiftyOne's environment). This folder holds only what
-FiftyOne loads: the manifest, this file and the operators.
+FiftyOne loads: the manifest, this file, the operators and the click-to-segment panel.
 """
 
 
 def register(plugin) -> None:
     from tinysam_kit.integrations.fiftyone.plugin.operators import OPERATORS
 
+    from tinysam_kit.integrations.fiftyone.plugin.panel import PANELS
+
     for operator in OPERATORS:
         plugin.register(operator)
+    for panel in PANELS:
+        plugin.register(panel)
