@@ -9,7 +9,6 @@ FiftyOne loads: the manifest, this file, the operators and the click-to-segment 
 
 def register(plugin) -> None:
     from tinysam_kit.integrations.fiftyone.plugin.operators import OPERATORS
-
     from tinysam_kit.integrations.fiftyone.plugin.panel import PANELS
 
     for operator in OPERATORS:
