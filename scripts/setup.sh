@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-stop setup: .venv with tinysam-kit, ONNX Runtime, torchao (int8 on the torch engine), the Label Studio
+# One-stop setup: .venv with tinysam-kit, ONNX Runtime, torchao (int8 on the torch engine), Ray, the Label Studio
 # backend deps and FiftyOne (including an offline-capable MongoDB). Idempotent; safe to re-run.
 #   bash scripts/setup.sh            # everything users need
 #   bash scripts/setup.sh --no-fiftyone
@@ -24,7 +24,7 @@ PY=.venv/bin/python
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==${TINYSAM_TORCH_VERSION:-2.13.0}"
 fi
-"$PY" -m pip install -q -e ".[onnx,int8,labelstudio,dev]"
+"$PY" -m pip install -q -e ".[onnx,int8,labelstudio,ray,dev]"
 if [ "$with_fiftyone" = 1 ]; then
     PATH="$PWD/.venv/bin:$PATH" bash .ci/setup_fiftyone.sh
 fi
