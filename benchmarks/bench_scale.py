@@ -67,13 +67,7 @@ def measure_single(args) -> dict:
 
     from tinysam_kit.cli.common import list_images
     from tinysam_kit.data.images import load_image
-    from tinysam_kit.inference.batch import (
-        BackgroundWriter,
-        CocoFolderSink,
-        PrelabelResult,
-        coco_key,
-        run_everything,
-    )
+    from tinysam_kit.inference.batch import CocoFolderSink, PrelabelResult, coco_key, run_everything
     from tinysam_kit.inference.everything import EverythingGenerator
     from tinysam_kit.inference.policy import everything_params
     from tinysam_kit.inference.predictor import TinySamPredictor
@@ -125,13 +119,12 @@ def measure_single(args) -> dict:
         return stages
 
     def pipeline_pass() -> float:
-        """The command's own loop: prefetched decoding, inference, background writes (model loaded)."""
+        """The command's own loop: prefetched decoding, inference, writes (model already loaded)."""
         with tempfile.TemporaryDirectory() as tmp:
-            sink = BackgroundWriter(CocoFolderSink(tmp, src, info={"mode": "hierarchical", "params": params}))
+            sink = CocoFolderSink(tmp, src, info={"mode": "hierarchical", "params": params})
             t0 = time.perf_counter()
             for res in run_everything(predictor, images, output_mode="coco_rle", **params):
                 sink.write(coco_key(res.item, src), res)
-            sink.flush()
             return time.perf_counter() - t0
 
     # Interleaved and best of two, so a burst of load from elsewhere hits neither side alone.
