@@ -90,9 +90,3 @@ def list_images(path: Path) -> list[Path]:
     if not images:
         raise CliError(f"{path}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return images
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
