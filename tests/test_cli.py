@@ -52,6 +52,31 @@ def test_everything_folder_writes_valid_coco(folder, tmp_path, tiny_random_check
         assert (out / (image["file_name"].rsplit(".", 1)[0].replace("/", "__") + "_overlay.png")).is_file()
 
 
+def test_everything_polygons_cover_the_rle_masks(folder, tmp_path, capsys):
+    from tinysam_kit.inference.encodings.polygons import mask_to_parts, polygons_to_mask
+
+    rle_out, poly_out = tmp_path / "rle", tmp_path / "poly"
+    common = [str(folder), "--model", "demo", "--no-preview", "--points-per-side", "8"]
+    assert main(["everything", *common, "--out", str(rle_out)]) == 0
+    assert main(["everything", *common, "--out", str(poly_out), "--polygons"]) == 0
+    rle = json.loads((rle_out / "annotations.json").read_text())
+    poly = json.loads((poly_out / "annotations.json").read_text())
+    assert len(poly["annotations"]) == len(rle["annotations"]) > 0
+    sizes = {img["id"]: (img["height"], img["width"]) for img in poly["images"]}
+    for a, b in zip(rle["annotations"], poly["annotations"]):
+        assert isinstance(b["segmentation"], list) and all(len(part) >= 6 for part in b["segmentation"])
+        mask = coco_rle_to_mask(a["segmentation"])
+        solid = polygons_to_mask(mask_to_parts(mask, tolerance=0, min_area=0), *mask.shape) | mask
+        drawn = polygons_to_mask(b["segmentation"], *sizes[b["image_id"]])
+        iou = (solid & drawn).sum() / max((solid | drawn).sum(), 1)
+        # boundary pixels weigh more in small masks, and specks below the part minimum get no polygon
+        assert iou >= (0.95 if mask.sum() >= 1000 else 0.85), (int(mask.sum()), iou)
+        assert b["area"] == a["area"] and b["bbox"] == a["bbox"]
+    assert json.loads(next(poly_out.glob("a.json")).read_text())["info"]["segmentation"]["format"] == "polygons"
+    assert main(["everything", *common, "--out", str(tmp_path / "x"), "--polygon-tolerance", "1"]) == 2
+    assert "--polygon-tolerance needs --polygons" in capsys.readouterr().err
+
+
 def test_everything_resumes_and_reports_bad_images(folder, tmp_path, tiny_random_checkpoint, capsys):
     out = tmp_path / "out"
     args = ["everything", str(folder), "--out", str(out), "--model", str(tiny_random_checkpoint), "--no-preview"]

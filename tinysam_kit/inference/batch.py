@@ -257,16 +257,22 @@ def coco_key(path: Path, root: Path) -> str:
 class CocoFolderSink:
     """One COCO JSON per image (`<key>.json`, written last and atomically: its presence means done), an
     optional overlay preview (`<key>_overlay.png`), and on `close()` the merged `annotations.json` in `order`.
+    Segmentations are compressed RLE, or COCO polygons (one per connected part, holes filled) when a
+    `polygon_tolerance` (pixels) is given.
 
     `root` turns a result's item (the image path) into the COCO `file_name`; `info` (mode, params) goes into
     every document with the result's model version and stats.
     """
 
     def __init__(self, out_dir: str | os.PathLike, root: str | os.PathLike, *, info: dict | None = None,
-                 previews: bool = True, order: Sequence[str] | None = None) -> None:
+                 previews: bool = True, order: Sequence[str] | None = None,
+                 polygon_tolerance: float | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.root = Path(root)
         self.info = dict(info or {})
+        self.polygon_tolerance = polygon_tolerance
+        if polygon_tolerance is not None:
+            self.info["segmentation"] = {"format": "polygons", "tolerance": polygon_tolerance}
         self.previews = previews
         self.order = list(order) if order is not None else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,9 +287,14 @@ class CocoFolderSink:
         from PIL import Image
 
         from tinysam_kit.inference.encodings.coco import coco_rle_to_mask
+        from tinysam_kit.inference.encodings.polygons import mask_to_parts
 
         source = Path(result.item)
-        doc = coco_document(str(source.relative_to(self.root)), result.height, result.width, result.records)
+        records = result.records
+        if self.polygon_tolerance is not None:
+            records = [{**r, "segmentation": mask_to_parts(coco_rle_to_mask(r["segmentation"]),
+                                                           tolerance=self.polygon_tolerance)} for r in records]
+        doc = coco_document(str(source.relative_to(self.root)), result.height, result.width, records)
         doc["info"] = {"model_version": result.model_version, **self.info, "stats": result.stats}
         target = self.json_path(key)
         if self.previews:
