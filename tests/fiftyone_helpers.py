@@ -1,5 +1,5 @@
 """A private FiftyOne environment for the test session: its own mongod on a temporary directory, its own
-plugins and model-zoo directories. Must run before `fiftyone` is imported (FiftyOne reads its config at
+plugins, model-zoo and embedding-store directories. Must run before `fiftyone` is imported (FiftyOne reads its config at
 import time), so test modules call `fiftyone_env()` from a fixture and import fiftyone afterwards."""
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def fiftyone_env() -> dict:
         "FIFTYONE_DO_NOT_TRACK": "true",
         "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS": "true",
         "TINYSAM_FO_TEST_ROOT": str(root),
+        "TINYSAM_EMBEDDING_STORE": str(root / "embeddings"),  # never the user's store
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     os.environ.update(env)
@@ -135,3 +136,27 @@ def demo_model_available() -> bool:
 
     spec = MODELS.get("demo")
     return spec is not None and (PACKAGE_WEIGHTS / spec.filename).is_file()
+
+
+def rasterise_polylines(polylines, width: int, height: int):
+    """The filled polylines painted into a full-image bool canvas (the inverse of a Polylines output)."""
+    import cv2
+    import numpy as np
+
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    for polyline in polylines:
+        for shape in polyline.points:
+            pts = np.round(np.asarray(shape, dtype=np.float64) * [width, height]).astype(np.int32)
+            cv2.fillPoly(canvas, [pts.reshape(-1, 1, 2)], 1)
+    return canvas.astype(bool)
+
+
+def polylines_iou(polylines, mask) -> float:
+    """IoU of the rasterised polylines against `mask` with its holes filled (what polylines can express)."""
+    import numpy as np
+    from scipy.ndimage import binary_fill_holes
+
+    filled = binary_fill_holes(mask)
+    drawn = rasterise_polylines(polylines, mask.shape[1], mask.shape[0])
+    union = np.logical_or(filled, drawn).sum()
+    return float(np.logical_and(filled, drawn).sum() / union) if union else 1.0

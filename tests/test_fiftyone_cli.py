@@ -64,6 +64,28 @@ def test_prelabel_creates_a_persistent_dataset_and_resumes(env, tmp_path, tiny_r
             fo.delete_dataset(name)
 
 
+def test_prelabel_polylines(env, tmp_path, tiny_random_checkpoint):
+    import fiftyone as fo
+
+    make_images(tmp_path / "imgs", 2, seed=3)
+    name = f"prelabel-polylines-{os.getpid()}"
+    try:
+        done = tinysam(env, "prelabel", str(tmp_path / "imgs"), "--dataset", name, "--field", "outlines",
+                       "--polylines", "--model", str(tiny_random_checkpoint), "--no-progress", *FAST)
+        assert done.returncode == 0, done.stderr
+        ds = fo.load_dataset(name)
+        assert ds.get_field("outlines").document_type is fo.Polylines and len(ds.exists("outlines")) == 2
+        assert all(p.closed and p.filled for s in ds for p in s.outlines.polylines)
+        assert ds.get_run_info("tinysam_outlines").config.serialize()["signature"]["output"] == "polylines"
+        refused = tinysam(env, "prelabel", str(tmp_path / "imgs"), "--dataset", name, "--field", "outlines",
+                          "--polylines", "--masks-dir", str(tmp_path / "masks"),
+                          "--model", str(tiny_random_checkpoint), "--no-progress", *FAST)
+        assert refused.returncode == 1 and "masks on disk apply to Detections" in refused.stderr
+    finally:
+        if fo.dataset_exists(name):
+            fo.delete_dataset(name)
+
+
 def test_prelabel_offline_auto_unreadable_file(env, tmp_path):
     """`--offline` with `auto` uses the bundled demo model and says so; an unreadable image is reported once
     (its path once) and tagged, the rest is segmented."""

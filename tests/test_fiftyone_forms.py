@@ -182,6 +182,36 @@ def test_immediate_run_from_the_app_streams_its_progress(fo, dataset, tiny_rando
     assert len(dataset.exists("sam")) == 3
 
 
+def test_output_as_polylines_in_the_forms(fo, dataset):
+    for operator in ("segment_everything", "segment_with_prompts"):
+        props = form(operator, dataset, {})
+        output = props["output"]
+        assert output["default"] == "detections" and output["view"]["label"] == "Output as"
+        assert [(c["value"], c["label"]) for c in output["view"]["choices"]] == \
+            [("detections", "Detections with masks"), ("polylines", "Polylines")]
+        assert "masks_on_disk" in props
+        polylines = form(operator, dataset, {"output": "polylines", "masks_on_disk": True})
+        assert "masks_on_disk" not in polylines and "mask_dir" not in polylines
+        assert "Polylines" in polylines["label_field"]["view"]["description"]
+
+
+def test_compute_embeddings_streams_its_progress_from_the_app(fo, dataset, tiny_random_checkpoint):
+    from fiftyone.operators import get_operator
+    from fiftyone.operators.executor import ExecutionContext, Executor
+
+    props = form("compute_embeddings", dataset, {})
+    assert fiftyone_env()["env"]["TINYSAM_EMBEDDING_STORE"] in texts(props)
+    operator = get_operator(f"{PLUGIN_URI}/compute_embeddings")
+    params = {"model": str(tiny_random_checkpoint), "stream_progress": True}
+    ctx = ExecutionContext(request(dataset, params), executor=Executor())
+    messages = [m.body.to_json() for m in operator.execute(ctx)]
+    assert [m["operator_uri"] for m in messages][-3:] == ["notify", "reload_dataset", "show_output"]
+    assert any("images encoded" in m["params"].get("label", "") or "already stored" in
+               m["params"].get("label", "") for m in messages if m["operator_uri"] == "set_progress")
+    results = messages[-1]["params"]["results"]
+    assert results["computed"] + results["already_stored"] == 3 and results["failed"] == 0
+
+
 # ------------------------------------------------------------------- 8: the model actually used
 def test_auto_offline_uses_the_demo_model_and_says_so(fo, dataset, monkeypatch, tmp_path):
     assert demo_model_available()

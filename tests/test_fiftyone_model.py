@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fiftyone_helpers import ZOO_DIR, demo_model_available, fiftyone_env, make_images
+from fiftyone_helpers import ZOO_DIR, demo_model_available, fiftyone_env, make_images, polylines_iou
 
 FAST = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 
@@ -92,6 +92,49 @@ def test_apply_model_without_prompts_segments_everything(dataset, model):
     assert [round(d.predicted_iou, 6) for d in sample.auto.detections] == [round(r["predicted_iou"], 6)
                                                                            for r in records]
     assert all(0 <= d.confidence <= 1 for d in sample.auto.detections)
+
+
+def test_apply_model_writes_polylines(fo, dataset, tiny_random_checkpoint):
+    from tinysam_kit.data.images import load_image
+    from tinysam_kit.integrations.fiftyone.model import TinySamModel
+
+    model = TinySamModel(model=str(tiny_random_checkpoint), output="polylines")
+    dataset.apply_model(model, "outlines", box_prompt_field="gt", progress=False)
+    p = model.predictor
+    for sample in dataset:
+        image = load_image(sample.filepath)
+        h, w = image.shape[:2]
+        x, y, bw, bh = sample.gt.detections[0].bounding_box
+        mask, score, _ = p.segment(box=[x * w, y * h, (x + bw) * w, (y + bh) * h], image_embedding=p.embed(image))
+        parts = sample.outlines.polylines
+        assert parts and all(pl.closed and pl.filled and pl.label == "cat" for pl in parts)
+        assert all(pl.confidence == pytest.approx(score, abs=1e-6) for pl in parts)
+        assert polylines_iou(parts, mask) >= 0.95
+    with pytest.raises(ValueError, match="output must be one of"):
+        TinySamModel(model=str(tiny_random_checkpoint), output="masks")
+
+
+def test_compute_embeddings_gives_the_pooled_image_embedding(dataset, model):
+    from tinysam_kit.data.images import load_image
+
+    assert model.has_embeddings
+    embeddings = dataset.compute_embeddings(model, progress=False)
+    raw = model.predictor.embed(load_image(dataset.first().filepath), cache=False).embedding
+    raw = raw.float().cpu().numpy() if hasattr(raw, "cpu") else np.asarray(raw)
+    assert embeddings.shape == (len(dataset), raw.shape[-3])
+    np.testing.assert_allclose(embeddings[0], raw.reshape(raw.shape[-3], -1).mean(axis=1), rtol=1e-5, atol=1e-6)
+    dataset.compute_embeddings(model, embeddings_field="tinysam_embedding", progress=False)
+    np.testing.assert_allclose(dataset.first().tinysam_embedding, embeddings[0], rtol=1e-6)
+
+
+def test_brain_similarity_with_tinysam_embeddings(dataset, model):
+    brain = pytest.importorskip("fiftyone.brain", reason="fiftyone-brain is not installed")
+    pytest.importorskip("sklearn", reason="the Brain's default similarity backend needs scikit-learn")
+    index = brain.compute_similarity(dataset, model=model, brain_key="tinysam_sim", backend="sklearn")
+    assert index.total_index_size == len(dataset) == 3
+    query = dataset.first().id
+    nearest = dataset.sort_by_similarity(query, k=3, brain_key="tinysam_sim").values("id")
+    assert nearest[0] == query and len(nearest) == 3
 
 
 def test_apply_model_rejects_unknown_arguments(dataset, model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fiftyone_helpers import PLUGIN_URI, fiftyone_env, make_images
+from fiftyone_helpers import PLUGIN_URI, fiftyone_env, make_images, polylines_iou
 
 FAST = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 
@@ -282,6 +282,40 @@ def test_segment_selected_labels_is_immediate_and_cached(fo, dataset, tiny_rando
     np.testing.assert_array_equal(full_mask(det, w, h), mask)
     with pytest.raises(Exception, match="no usable selection"):
         run("segment_selected_labels", dataset, params, selected_labels=[])
+
+
+def test_polylines_output_covers_the_masks(fo, dataset, tiny_random_checkpoint, predictor):
+    from tinysam_kit.data.images import load_image
+
+    add_prompts(fo, dataset)
+    params = {"model": str(tiny_random_checkpoint), "box_field": "gt", "label_field": "outlines",
+              "output": "polylines"}
+    result = run("segment_with_prompts", dataset, params)
+    assert result.error is None, result.error
+    assert dataset.get_field("outlines").document_type is fo.Polylines
+    for sample in dataset:
+        image = load_image(sample.filepath)
+        h, w = image.shape[:2]
+        state = predictor.embed(image)
+        for box in sample.gt.detections:
+            x, y, bw, bh = box.bounding_box
+            mask, score, _ = predictor.segment(box=[x * w, y * h, (x + bw) * w, (y + bh) * h],
+                                               image_embedding=state)
+            parts = [p for p in sample.outlines.polylines if p.prompt_id == box.id]
+            assert parts and all(p.closed and p.filled and p.label == box.label for p in parts)
+            assert all(p.confidence == pytest.approx(score, abs=1e-6) for p in parts)
+            assert polylines_iou(parts, mask) >= 0.95
+    result = run("segment_everything", dataset, everything_params(tiny_random_checkpoint, output="polylines",
+                                                                   label_field="auto_outlines"))
+    assert result.error is None and result.result["masks"] == dataset.count("auto_outlines.polylines") > 0
+    from tinysam_kit.integrations.fiftyone.runner import RunError, RunSpec, run_segmentation
+
+    with pytest.raises(RunError, match="masks on disk apply to Detections"):
+        run_segmentation(dataset, RunSpec("prompts", "y", box_field="gt", output="polylines", mask_dir="/tmp/y"))
+    with pytest.raises(Exception, match="different settings \\(output: 'polylines'"):
+        run("segment_with_prompts", dataset, {**params, "output": "detections"})
+    with pytest.raises(Exception, match="already exists as Polylines"):
+        run("segment_with_prompts", dataset, {**params, "output": "detections", "overwrite": True})
 
 
 # -------------------------------------------------------------------------------------- delegated

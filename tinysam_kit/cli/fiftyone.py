@@ -3,6 +3,7 @@
     tinysam fiftyone install-plugin
     tinysam fiftyone prelabel ./images --dataset my-images            # hierarchical everything mode
     tinysam fiftyone prelabel ./images --dataset my-images --dense --field dense_masks
+    tinysam fiftyone prelabel ./images --dataset my-images --polylines --field outlines
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def register(subparsers) -> None:
                                           "(resumable: re-run to continue)")
     pre.add_argument("image_dir", help="folder of images (searched recursively)")
     pre.add_argument("--dataset", required=True, help="FiftyOne dataset name (created if missing)")
-    pre.add_argument("--field", default="tinysam", help="output Detections field (default: tinysam)")
+    pre.add_argument("--field", default="tinysam",
+                     help="output Detections (or, with --polylines, Polylines) field (default: tinysam)")
+    pre.add_argument("--polylines", action="store_true",
+                     help="write filled, closed Polylines (one per connected part) instead of instance masks")
     pre.add_argument("--dense", action="store_true", help="dense point grid instead of TinySAM's hierarchical mode")
     pre.add_argument("--points-per-side", type=int, help="prompt grid per side (default: the model's own)")
     pre.add_argument("--pred-iou-thresh", type=float, help="default: the model's own (SAM: 0.88)")
@@ -136,6 +140,7 @@ def prelabel(args) -> int:
                   "max_area_fraction": args.max_area_fraction}
     spec = RunSpec("everything", args.field, options=options, mode="dense" if args.dense else "hierarchical",
                    everything={k: v for k, v in everything.items() if v is not None}, label=args.label,
+                   output="polylines" if args.polylines else "detections",
                    instance_map_field=args.instance_map_field, mask_dir=args.masks_dir, overwrite=args.overwrite)
     bar = None
 

@@ -1,4 +1,5 @@
-"""Between TinySAM's outputs and FiftyOne labels: prompts in, `Detections` with instance masks out.
+"""Between TinySAM's outputs and FiftyOne labels: prompts in, `Detections` with instance masks (or filled
+`Polylines`) out.
 
 FiftyOne stores an instance mask cropped to its detection's box (relative [x, y, w, h]); we crop every
 mask to its own tight box so the App draws it pixel-exact, whatever prompt produced it.
@@ -12,12 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinysam_kit.inference.encodings.polygons import mask_to_parts
 from tinysam_kit.inference.policy import report_score
 from tinysam_kit.inference.predictor import PromptError, TinySamPredictor
 
 # Decoder batches are chunked so that B prompts' full-resolution float32 masks (3 per prompt at most) stay
 # below this.
 PROMPT_BATCH_BYTES = 256 * 1024 * 1024
+# How dataset-wide runs and `TinySamModel` write their masks: the FiftyOne label type of each.
+OUTPUTS = {"detections": "Detections", "polylines": "Polylines"}
 # FiftyOne's SAM integration reads per-point positive/negative labels from these keypoint attributes.
 POINT_LABEL_ATTRIBUTES = ("sam_labels", "sam2_labels")
 
@@ -98,6 +102,37 @@ def results_to_detections(results: list[MaskResult], mask_dir: str | None = None
         if det is not None:
             detections.append(det)
     return fo.Detections(detections=detections)
+
+
+def results_to_polylines(results: list[MaskResult]):
+    """`fo.Polylines`: one closed, filled `Polyline` per connected part of each mask (holes filled, specks
+    dropped: `mask_to_parts`), in relative coordinates, with the label, confidence and attributes the
+    detection would have."""
+    import fiftyone as fo
+
+    polylines = []
+    for result in results:
+        h, w = result.mask.shape
+        attributes = dict(result.attributes)
+        if result.source_id is not None:
+            attributes["prompt_id"] = result.source_id
+        for part in mask_to_parts(result.mask):
+            points = [(x / w, y / h) for x, y in zip(part[0::2], part[1::2])]
+            polylines.append(fo.Polyline(label=result.label, points=[points], closed=True, filled=True,
+                                         confidence=result.score, **attributes))
+    return fo.Polylines(polylines=polylines)
+
+
+def results_to_labels(results: list[MaskResult], output: str = "detections", mask_dir: str | None = None):
+    """The results as the `output` label type (see OUTPUTS)."""
+    if output == "polylines":
+        return results_to_polylines(results)
+    return results_to_detections(results, mask_dir)
+
+
+def label_count(labels) -> int:
+    """How many objects a `Detections` / `Polylines` value holds."""
+    return len(labels.polylines if hasattr(labels, "polylines") else labels.detections)
 
 
 def instance_map(results: list[MaskResult], shape: tuple[int, int], mask_path: str | None = None):

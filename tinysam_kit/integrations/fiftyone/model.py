@@ -7,6 +7,9 @@ torchvision, which TinySAM does not need. Prompt arguments are those of FiftyOne
     dataset.apply_model(model, "masks", point_prompt_field="keypoints")     # points (+ sam_labels)
     dataset.apply_model(model, "masks", prompt_field="ground_truth")        # legacy: either kind
     dataset.apply_model(model, "masks")                                     # no prompts: segment everything
+
+It is also an embeddings model for `dataset.compute_embeddings(model)` and the FiftyOne Brain: each image's
+TinySAM encoder output averaged over its spatial grid (a 256-vector).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import fiftyone.core.labels as fol
 import fiftyone.core.models as fom
+import numpy as np
 
 from tinysam_kit.data.images import load_image
 from tinysam_kit.inference.policy import EngineOptions, everything_params
@@ -33,13 +37,29 @@ class TinySamModelConfig:
     mode: str = "hierarchical"  # everything mode when no prompt field is given
     everything: dict = field(default_factory=dict)  # explicit values; the rest are the model's own
     label: str = "object"
+    output: str = "detections"  # or "polylines": one filled, closed Polyline per connected part of each mask
     point_label_attribute: str | None = None
     confidence_thresh: float | None = None
     filter_classes: list | None = None
 
 
-class TinySamModel(fom.Model, fom.SamplesMixin):
-    """`fo.Detections` with instance masks (cropped to their boxes), confidence = predicted IoU in [0, 1]
+def pooled_embedding(embedding) -> np.ndarray:
+    """An image embedding (torch tensor or array, [1,] C x H x W) averaged over its spatial grid: float32 (C,)."""
+    if hasattr(embedding, "detach"):
+        embedding = embedding.detach().float().cpu().numpy()
+    array = np.asarray(embedding, dtype=np.float32)
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"expected the embedding of one image, got a batch of {array.shape[0]}")
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"expected a C x H x W image embedding, got shape {array.shape}")
+    return array.mean(axis=(1, 2))
+
+
+class TinySamModel(fom.Model, fom.SamplesMixin, fom.EmbeddingsMixin):
+    """`fo.Detections` with instance masks (cropped to their boxes), or with `output="polylines"`
+    `fo.Polylines` (one filled, closed polyline per connected part); confidence = predicted IoU in [0, 1]
     (the raw value in the `predicted_iou` attribute).
 
     Keyword arguments: the engine options (`model`, `engine`, `precision`, `device`, `threads`) and the
@@ -51,10 +71,13 @@ class TinySamModel(fom.Model, fom.SamplesMixin):
             engine_keys = {f.name for f in fields(EngineOptions)}
             options = EngineOptions.from_mapping({k: kwargs.pop(k) for k in list(kwargs) if k in engine_keys})
             config = TinySamModelConfig(options=options, **kwargs)
+        if config.output not in L.OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(L.OUTPUTS)}, got {config.output!r}")
         self.config = config
         self.predictor = get_predictor(self.config.options)
         self._preprocess = False
         self._everything = None
+        self._last_embedding: np.ndarray | None = None
 
     # ----- fiftyone.core.models.Model interface
     @property
@@ -133,7 +156,8 @@ class TinySamModel(fom.Model, fom.SamplesMixin):
         image = load_image(arg)  # FiftyOne hands over HWC uint8 RGB; PIL images and paths work too
         h, w = image.shape[:2]
         prompts = self._prompts(sample, w, h)
-        state = self.predictor.embed(image)
+        state = self.predictor.embed(image, cache=False)  # as dataset-wide runs: exact, never the fp16 store
+        self._last_embedding = pooled_embedding(state.embedding)
         if prompts is None:
             if self._everything is None:
                 from tinysam_kit.inference.everything import EverythingGenerator
@@ -145,8 +169,27 @@ class TinySamModel(fom.Model, fom.SamplesMixin):
             results = []
         else:
             results = L.segment_prompts(self.predictor, state, prompts)
-        return L.results_to_detections(results)
+        return L.results_to_labels(results, self.config.output)
 
     def predict_all(self, args, samples=None):
         samples = samples if samples is not None else [None] * len(args)
         return [self.predict(a, s) for a, s in zip(args, samples)]
+
+    # ----- fiftyone.core.models.EmbeddingsMixin interface
+    @property
+    def has_embeddings(self) -> bool:
+        return True
+
+    def embed(self, arg) -> np.ndarray:
+        """The image's TinySAM embedding averaged over the spatial grid (float32, 256 values for TinySAM)."""
+        self._last_embedding = pooled_embedding(self.predictor.embed(load_image(arg), cache=False).embedding)
+        return self._last_embedding
+
+    def embed_all(self, args) -> np.ndarray:
+        return np.stack([self.embed(arg) for arg in args])
+
+    def get_embeddings(self) -> np.ndarray:
+        """The embedding of the last image given to `predict` or `embed`, as a batch of one."""
+        if self._last_embedding is None:
+            raise ValueError("no image has been embedded yet")
+        return self._last_embedding[np.newaxis]

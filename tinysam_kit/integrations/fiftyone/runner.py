@@ -63,6 +63,7 @@ class RunSpec:
     point_field: str | None = None
     point_label_attribute: str | None = None
     # output
+    output: str = "detections"  # "detections" (instance masks) | "polylines" (filled, one per connected part)
     instance_map_field: str | None = None
     mask_dir: str | None = None  # masks as PNG files under <mask_dir>/<label_field>/<sample id>/
     overwrite: bool = False
@@ -84,6 +85,8 @@ class RunSpec:
         sig = {"task": self.task, "model": model, "engine": self.options.engine,
                "precision": self.options.precision, "instance_map_field": self.instance_map_field,
                "masks_on_disk": bool(self.mask_dir)}
+        if self.output != "detections":
+            sig["output"] = self.output
         if model_version is not None:
             sig["model_version"] = model_version
         if self.task == "everything":
@@ -181,13 +184,17 @@ def validate_spec(samples, spec: RunSpec) -> None:
         raise RunError("patches, frames and clips views cannot receive masks; run on the dataset or a "
                        "filtered view of its samples")
     check_field_name(spec.label_field, "output field")
+    if spec.output not in L.OUTPUTS:
+        raise RunError(f"output must be one of {', '.join(L.OUTPUTS)}, got {spec.output!r}")
+    if spec.output == "polylines" and spec.mask_dir:
+        raise RunError("masks on disk apply to Detections output; polylines are stored in the dataset")
     schema = samples._dataset.get_field_schema()
     outputs = [spec.label_field] + ([spec.instance_map_field] if spec.instance_map_field else [])
     if spec.instance_map_field:
         check_field_name(spec.instance_map_field, "instance map field")
         if spec.instance_map_field == spec.label_field:
             raise RunError("the instance map field must differ from the output field")
-    for name, want in zip(outputs, ("Detections", "Segmentation")):
+    for name, want in zip(outputs, (L.OUTPUTS[spec.output], "Segmentation")):
         have = field_type_name(schema, name)
         if have is not None and have != want:
             raise RunError(f"field {name!r} already exists as {have}; TinySAM writes {want} there. "
@@ -489,7 +496,7 @@ def iter_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None
                     writer.add(sample_id, detections, instance_map, image_metadata(path, image))
                     succeeded.append(sample_id)
                     summary.processed += 1
-                    summary.masks += len(detections.detections)
+                    summary.masks += L.label_count(detections)
                 except PromptError as exc:
                     error = exc
             if error is not None:
@@ -516,8 +523,10 @@ def iter_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None
 def _segment_sample(predictor, everything, spec: RunSpec, sample_id: str, image, prompt_labels,
                     summary: RunSummary):
     h, w = image.shape[:2]
+    # Encoded afresh (cache=False), never read from the embedding store: stored embeddings are rounded to fp16,
+    # and a run's output must not depend on what happened to be stored (a resumed run equals an uninterrupted one).
     if everything is not None:
-        state = predictor.embed(image)
+        state = predictor.embed(image, cache=False)
         results = L.everything_results(everything.generate(image_embedding=state), spec.label)
     else:
         boxes, points = prompt_labels
@@ -528,10 +537,81 @@ def _segment_sample(predictor, everything, spec: RunSpec, sample_id: str, image,
             summary.without_prompts += 1
             results = []
         else:
-            results = L.segment_prompts(predictor, predictor.embed(image), prompts)
+            results = L.segment_prompts(predictor, predictor.embed(image, cache=False), prompts)
     mask_dir = _sample_mask_dir(spec, sample_id)
     instance_map = None
     if spec.instance_map_field:
         path = os.path.join(mask_dir, "instances.png") if mask_dir else None
         instance_map = L.instance_map(results, (h, w), path)
-    return L.results_to_detections(results, mask_dir), instance_map
+    return L.results_to_labels(results, spec.output, mask_dir), instance_map
+
+
+# ------------------------------------------------------------------------------------- embeddings
+@dataclass
+class EmbeddingSummary:
+    """What a *Compute TinySAM embeddings* run did."""
+
+    total: int = 0  # samples in the target view
+    computed: int = 0  # embeddings encoded and stored by this run
+    already_stored: int = 0  # skipped: the store (or this process's cache) had them
+    errors: list[dict] = field(default_factory=list)  # {"sample_id", "filepath", "error"}
+    seconds: float = 0.0
+    model: str = ""
+    model_note: str | None = None
+    store: str = ""  # the store's folder
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["failed"] = len(self.errors)
+        d["images_per_minute"] = round(60.0 * self.computed / self.seconds, 2) if self.seconds > 0 else 0.0
+        return d
+
+    def message(self) -> str:
+        parts = [f"{self.computed} embedding(s) computed into {self.store}"]
+        if self.already_stored:
+            parts.append(f"{self.already_stored} already stored")
+        if self.errors:
+            parts.append(f"{len(self.errors)} failed (e.g. {self.errors[0]['error']})")
+        parts.append(f"model: {self.model}" + (" (the bundled demo model: `auto` found no official weights)"
+                                                if self.model_note else ""))
+        return "; ".join(parts)
+
+
+def iter_embeddings(samples, options: policy.EngineOptions, predictor: TinySamPredictor | None = None,
+                    prefetch: int = 4, decode_workers: int = 2
+                    ) -> Iterator[tuple[int, int, str] | EmbeddingSummary]:
+    """Fill the persistent embedding store for the target samples, under the key the App's operators and panel
+    look up (`predictors.image_key`), skipping those already stored; yields (done, total, file name) per
+    encoded image and finally the summary."""
+    from tinysam_kit.integrations.fiftyone.predictors import get_predictor, image_key
+
+    check_image_collection(samples)
+    predictor = predictor or get_predictor(options)
+    if predictor.store is None:
+        raise RunError(f"the embedding store is off ({policy.STORE_ENV}=off): computed embeddings would not be "
+                       f"kept; unset {policy.STORE_ENV} or point it at a folder")
+    t0 = time.perf_counter()
+    choice = predictor.model_choice
+    summary = EmbeddingSummary(model=choice.name, model_note=choice.note, store=str(predictor.store.root))
+    todo = []
+    for sample_id, path in zip(*samples.values(["id", "filepath"])):
+        summary.total += 1
+        try:
+            key = image_key(path)
+        except OSError as exc:
+            summary.errors.append({"sample_id": sample_id, "filepath": path, "error": str(exc)})
+            continue
+        if predictor.has_embedding(key=key):
+            summary.already_stored += 1
+        else:
+            todo.append((sample_id, path, key))
+    items = prefetch_images(todo, lambda item: load_image(item[1]), prefetch, decode_workers)
+    for n, ((sample_id, path, key), image, error) in enumerate(items, 1):
+        if error is None:
+            predictor.embed(image, key=key)
+            summary.computed += 1
+        else:
+            summary.errors.append({"sample_id": sample_id, "filepath": path, "error": str(error)})
+        yield n, len(todo), os.path.basename(path)
+    summary.seconds = time.perf_counter() - t0
+    yield summary

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import fiftyone.operators as foo
@@ -12,21 +11,22 @@ from tinysam_kit.data.images import ImageError, load_image
 from tinysam_kit.inference import policy
 from tinysam_kit.inference.predictor import PromptError
 from tinysam_kit.integrations.fiftyone import labels as L
-from tinysam_kit.integrations.fiftyone.predictors import get_predictor
+from tinysam_kit.integrations.fiftyone.predictors import get_predictor, image_key
 from tinysam_kit.integrations.fiftyone.runner import (
     APP_REMEDY,
     EVERYTHING_PARAMS,
+    EmbeddingSummary,
     RunError,
     RunSpec,
     RunSummary,
     check_field_name,
     check_image_collection,
     field_type_name,
+    iter_embeddings,
     iter_segmentation,
     load_summary,
     output_conflict,
     run_key_for,
-    run_segmentation,
 )
 
 ERRORS_SHOWN = 20
@@ -90,14 +90,23 @@ def _output_inputs(ctx, inputs: types.Object, default_field: str, spec: RunSpec 
             conflict = output_conflict(ctx.dataset, spec, _model_name(ctx)[0])
         except RunError as exc:
             conflict = str(exc)
+    output_as = types.RadioGroup(orientation="horizontal")
+    output_as.add_choice("detections", label="Detections with masks")
+    output_as.add_choice("polylines", label="Polylines")
+    inputs.enum("output", output_as.values(), default="detections", label="Output as",
+                description="Polylines: one filled, closed polygon per connected part of each mask (holes filled)",
+                view=output_as)
+    polylines = ctx.params.get("output") == "polylines"
     inputs.str("label_field", default=default_field, required=True, label="Output field",
-               description="New Detections field that receives the instance masks",
+               description=("New Polylines field that receives the outlines" if polylines
+                            else "New Detections field that receives the instance masks"),
                invalid=conflict is not None, error_message=conflict or "")
     inputs.bool("overwrite", default=False, label="Overwrite",
                 description="Replace the output field's values on the target samples if it already exists")
-    inputs.bool("masks_on_disk", default=False, label="Store masks on disk",
-                description="Write masks as PNG files and store only their paths (for large runs)")
-    if ctx.params.get("masks_on_disk", False):
+    if not polylines:
+        inputs.bool("masks_on_disk", default=False, label="Store masks on disk",
+                    description="Write masks as PNG files and store only their paths (for large runs)")
+    if ctx.params.get("masks_on_disk", False) and not polylines:
         inputs.str("mask_dir", required=True, label="Mask directory",
                    description="Masks go to <dir>/<field>/<sample id>/<i>.png")
     if conflict:
@@ -122,7 +131,8 @@ def _media_error(ctx, inputs: types.Object) -> bool:
 def _common_spec(ctx, task: str) -> dict:
     p = ctx.params
     mask_dir = None
-    if p.get("masks_on_disk", False):
+    output = p.get("output") or "detections"
+    if p.get("masks_on_disk", False) and output != "polylines":
         mask_dir = p.get("mask_dir")
         if not mask_dir:
             raise RunError("'Store masks on disk' needs a mask directory")
@@ -132,7 +142,7 @@ def _common_spec(ctx, task: str) -> dict:
         write_batch = 0
     if write_batch < 1:
         raise RunError(f"write_batch must be a positive integer, got {p.get('write_batch')!r}")
-    return dict(task=task, label_field=(p.get("label_field") or "").strip(), options=_options(ctx),
+    return dict(task=task, label_field=(p.get("label_field") or "").strip(), options=_options(ctx), output=output,
                 overwrite=bool(p.get("overwrite", False)), mask_dir=mask_dir, write_batch=write_batch)
 
 
@@ -162,7 +172,7 @@ def _form_spec(ctx, build) -> RunSpec | None:
         return None  # the field concerned shows its own error; the run raises it
 
 
-def _result(summary: RunSummary) -> dict:
+def _result(summary: RunSummary | EmbeddingSummary) -> dict:
     result = summary.to_dict()
     result["errors"] = result["errors"][:ERRORS_SHOWN]
     result["message"] = summary.message()
@@ -170,25 +180,32 @@ def _result(summary: RunSummary) -> dict:
 
 
 def _run(ctx, spec: RunSpec):
-    """Delegated or from Python: run and return the summary. Immediate from the App: a generator that streams
-    progress to the App, then the summary, a notification and a reload."""
     operation_id = getattr(ctx, "_delegated_operation_id", None)
+    return _drive(ctx, lambda: iter_segmentation(ctx.target_view(), spec,
+                                                 operation_id=str(operation_id) if operation_id else None),
+                  f"Loading the model for '{spec.label_field}'", "images segmented", _summary_outputs())
+
+
+def _drive(ctx, updates, loading: str, done: str, outputs: types.Property):
+    """Delegated or from Python: run `updates()` (progress tuples, then a summary) and return the summary.
+    Immediate from the App: a generator that streams progress to the App, then the summary, a notification
+    and a reload."""
     if ctx.delegated or not _from_app(ctx):
-        last = [0.0]
-
-        def report(n: int, total: int, name: str) -> None:
+        last = 0.0
+        for update in updates():
+            if not isinstance(update, tuple):
+                summary = update
+                break
+            n, total, name = update
             now = time.monotonic()
-            if n == total or now - last[0] > 1.0:  # each report is a database write when delegated
-                last[0] = now
+            if n == total or now - last > 1.0:  # each report is a database write when delegated
+                last = now
                 ctx.set_progress(progress=n / max(total, 1), label=f"{n}/{total} {name}")
-
-        summary = run_segmentation(ctx.target_view(), spec, progress=report,
-                                   operation_id=str(operation_id) if operation_id else None)
         if not ctx.delegated:
             ctx.ops.notify(summary.message(), variant="warning" if summary.errors else "success")
             ctx.ops.reload_dataset()
         return _result(summary)
-    return _stream(ctx, spec)
+    return _stream(ctx, updates, loading, done, outputs)
 
 
 def _from_app(ctx) -> bool:
@@ -198,22 +215,22 @@ def _from_app(ctx) -> bool:
     return all(key in ctx.request_params for key in APP_STATE_KEYS)
 
 
-def _stream(ctx, spec: RunSpec):
+def _stream(ctx, updates, loading: str, done: str, outputs: types.Property):
     last = 0.0
-    yield ctx.ops.set_progress(label=f"Loading the model for '{spec.label_field}'", variant="linear")
-    for update in iter_segmentation(ctx.target_view(), spec):
-        if isinstance(update, RunSummary):
+    yield ctx.ops.set_progress(label=loading, variant="linear")
+    for update in updates():
+        if not isinstance(update, tuple):
             result = _result(update)
             yield ctx.ops.set_progress(label=update.message(), progress=1.0)
             yield ctx.ops.notify(result["message"], variant="warning" if update.errors else "success")
             yield ctx.ops.reload_dataset()
-            yield ctx.ops.show_output(_summary_outputs().to_json(), result)
+            yield ctx.ops.show_output(outputs.to_json(), result)
             return
         n, total, name = update
         now = time.monotonic()
         if n == total or now - last > 0.5:
             last = now
-            yield ctx.ops.set_progress(label=f"{n}/{total} images segmented ({name})", progress=n / max(total, 1))
+            yield ctx.ops.set_progress(label=f"{n}/{total} {done} ({name})", progress=n / max(total, 1))
 
 
 def _summary_outputs() -> types.Property:
@@ -330,6 +347,63 @@ class SegmentWithPrompts(_LongOperator):
         return _run(ctx, spec)
 
 
+class ComputeEmbeddings(_LongOperator):
+    """Pre-encodes the target images into the shared embedding store, so the first click on each image (panel,
+    selected labels) skips the image encoder."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="compute_embeddings", label="TinySAM: Compute embeddings",
+            description="Encode the target images once into the shared embedding store (already stored ones "
+                        "are skipped), so interactive segmentation answers without encoding",
+            dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
+            default_choice_to_delegated=True, execute_as_generator=True, icon="memory")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        view = types.View(label="TinySAM: Compute embeddings")
+        if _media_error(ctx, inputs):
+            return types.Property(inputs, view=view)
+        inputs.view_target(ctx, action_description="Encode")
+        _model_inputs(inputs)
+        model_name, note = _model_name(ctx)
+        if note:
+            inputs.view("model_note", types.Notice(label=f"Model: {model_name}. {note}"))
+        try:
+            store = policy.embedding_store()
+        except policy.PolicyError as exc:
+            inputs.view("store_error", types.Error(label=str(exc)))
+            return types.Property(inputs, view=view)
+        if store is None:
+            inputs.view("store_off", types.Error(label=f"The embedding store is off ({policy.STORE_ENV}=off): "
+                                                       "there is nowhere to keep the embeddings"))
+        else:
+            inputs.view("store", types.Notice(label=f"Embeddings go to {store.root}; images already stored "
+                                                    "there for this model are skipped"))
+        return types.Property(inputs, view=view)
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("message", label="Summary")
+        outputs.str("model", label="Model used")
+        outputs.str("model_note", label="Model note")
+        outputs.str("store", label="Embedding store")
+        outputs.int("computed", label="Embeddings computed")
+        outputs.int("already_stored", label="Already stored (skipped)")
+        outputs.int("failed", label="Failed")
+        outputs.float("images_per_minute", label="Images per minute")
+        return types.Property(outputs)
+
+    def resolve_run_name(self, ctx):
+        return "TinySAM embeddings"
+
+    def execute(self, ctx):
+        options = _options(ctx)
+        return _drive(ctx, lambda: iter_embeddings(ctx.target_view(), options), "Loading the model",
+                      "images encoded", self.resolve_output(ctx))
+
+
 def _selection(ctx, field: str) -> tuple[dict[str, list], int]:
     """The selected boxes/keypoints by sample ({sample id: [(field, kind, label id)]}) and how many other
     selected labels are ignored."""
@@ -433,8 +507,7 @@ class SegmentSelectedLabels(foo.Operator):
                     chosen = [k for k in value.keypoints if k.id == label_id]
                     prompts += L.point_prompts(type(value)(keypoints=chosen), w, h, fname,
                                                p.get("point_label_attribute") or None)
-            stat = os.stat(sample.filepath)
-            state = predictor.embed(image, key=f"{sample.filepath}:{stat.st_mtime_ns}:{stat.st_size}")
+            state = predictor.embed(image, key=image_key(sample.filepath))
             new = L.results_to_detections(L.segment_prompts(predictor, state, prompts))
             old = sample[field] if field in schema and sample[field] is not None else None
             replaced = {getattr(d, "prompt_id", None) for d in new.detections}
@@ -501,4 +574,4 @@ class ShowRunSummary(foo.Operator):
         return types.Property(outputs)
 
 
-OPERATORS = (SegmentEverything, SegmentWithPrompts, SegmentSelectedLabels, ShowRunSummary)
+OPERATORS = (SegmentEverything, SegmentWithPrompts, SegmentSelectedLabels, ComputeEmbeddings, ShowRunSummary)
