@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 import threading
 from collections import OrderedDict
 
@@ -32,7 +31,7 @@ from tinysam_kit.data.images import ImageError, load_image
 from tinysam_kit.inference import policy
 from tinysam_kit.inference.predictor import PromptError
 from tinysam_kit.integrations.fiftyone import labels as L
-from tinysam_kit.integrations.fiftyone.predictors import get_predictor
+from tinysam_kit.integrations.fiftyone.predictors import get_predictor, image_key
 from tinysam_kit.integrations.fiftyone.runner import RunError, check_field_name, field_type_name
 
 DEFAULT_FIELD = "tinysam_clicks"
@@ -73,11 +72,6 @@ def _recall(cache: OrderedDict, key):
 
 
 # ------------------------------------------------------------------------------------- geometry
-def image_key(filepath: str) -> str:
-    """The embedding key of a file as the App's operators use it: an edited file gets a new embedding."""
-    stat = os.stat(filepath)
-    return f"{filepath}:{stat.st_mtime_ns}:{stat.st_size}"
-
 
 def cell_size(width: int, height: int, cells: int = CLICK_CELLS) -> int:
     return max(1, math.ceil(max(width, height) / cells))
