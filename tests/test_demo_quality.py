@@ -87,6 +87,7 @@ def test_breakdown_partitions_the_objects(measured, prompt_quality):
     assert set(breakdown["by_shape"]) <= set(SHAPES)
 
 
+@pytest.mark.slow
 def test_everything_mode_finds_objects_at_the_registered_thresholds(predictor):
     from tinysam_kit.inference.policy import registered_everything_params
 

@@ -24,6 +24,7 @@ def tinysam(env, *args, timeout=600):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_prelabel_creates_a_persistent_dataset_and_resumes(env, tmp_path, tiny_random_checkpoint):
     import fiftyone as fo
 
@@ -64,6 +65,7 @@ def test_prelabel_creates_a_persistent_dataset_and_resumes(env, tmp_path, tiny_r
             fo.delete_dataset(name)
 
 
+@pytest.mark.slow
 def test_prelabel_polylines(env, tmp_path, tiny_random_checkpoint):
     import fiftyone as fo
 
@@ -86,6 +88,7 @@ def test_prelabel_polylines(env, tmp_path, tiny_random_checkpoint):
             fo.delete_dataset(name)
 
 
+@pytest.mark.slow
 def test_prelabel_offline_auto_unreadable_file(env, tmp_path):
     """`--offline` with `auto` uses the bundled demo model and says so; an unreadable image is reported once
     (its path once) and tagged, the rest is segmented."""
@@ -113,6 +116,7 @@ def test_prelabel_offline_auto_unreadable_file(env, tmp_path):
             fo.delete_dataset(name)
 
 
+@pytest.mark.slow
 def test_prelabel_bad_input(env, tmp_path):
     missing = tinysam(env, "prelabel", str(tmp_path / "nope"), "--dataset", "x")
     assert missing.returncode == 2 and "is not a folder" in missing.stderr
@@ -121,6 +125,7 @@ def test_prelabel_bad_input(env, tmp_path):
     assert empty.returncode == 2 and "no images" in empty.stderr
 
 
+@pytest.mark.slow
 def test_install_plugin_links_into_the_plugins_dir(env, tmp_path):
     first = tinysam(env, "install-plugin", "--plugins-dir", str(tmp_path))
     assert first.returncode == 0, first.stderr

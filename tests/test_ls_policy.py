@@ -104,6 +104,7 @@ def offline_env(tmp_path) -> dict:
 
 
 # ------------------------------------------------------------------------------------- 10: model choice
+@pytest.mark.slow
 def test_serve_ls_offline_falls_back_to_the_demo_model_and_says_why(tmp_path):
     """No official weights and no network: `auto` (the default) serves the demo model instead of exiting, and
     the reason is in the log and in /health."""
@@ -243,6 +244,7 @@ def test_a_prompt_label_without_a_brush_label_of_that_name_is_refused_by_name(ls
 
 
 # -------------------------------------------------------------------------------------- 17, 18: startup
+@pytest.mark.slow
 def test_int8_start_logs_no_quantizer_chatter(tiny_random_checkpoint, tmp_path):
     """The first int8 start quantizes the model: ONNX Runtime's per-tensor notes stay out of the log, and the
     backend's own info lines stay in it."""

@@ -354,6 +354,7 @@ def test_cloud_uri_is_presigned_through_label_studio():
 
 
 # ---------------------------------------------------------------- the command
+@pytest.mark.slow
 def test_serve_ls_command_and_container_healthcheck(tiny_random_checkpoint):
     """`tinysam serve-ls` in its own process, probed by the Docker health check, then stopped."""
     import os

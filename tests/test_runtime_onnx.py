@@ -236,6 +236,7 @@ def test_cli_export_and_quantize_errors(tiny_random_checkpoint, tmp_path, capsys
     assert "unknown recipe" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reference_vectors_on_onnx_fp32(reference_dir, reference_image, tmp_path_factory):
     """The exact ONNX fp32 path reproduces ../shared/reference like the PyTorch one."""
     arrays = np.load(reference_dir / "predictor_A.npz")

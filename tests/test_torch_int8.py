@@ -64,6 +64,7 @@ def _int8_available() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_quantization_keeps_the_sensitive_modules_in_float():
     """The eager reference form needs only torchao (installed by setup), not the int8 kernels."""
     fp32 = create_engine("demo", engine="torch", precision="fp32", device="cpu", channels_last=False)

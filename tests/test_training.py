@@ -173,6 +173,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> N
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_keeps_ranks_in_sync(tmp_path):
     """Two Gloo processes on CPU: same code path as multi-GPU training (NCCL) except the backend."""
     teacher = save_model(TEACHER, tmp_path / "teacher.pth")
