@@ -90,20 +90,8 @@ def test_segment_everything_from_the_app(tmp_path, tiny_random_checkpoint):
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             try:
-                page.goto(f"http://127.0.0.1:{port}/datasets/{name}")
-                page.wait_for_selector("[data-cy=looker]", timeout=180_000)
-                if page.get_by_text("Dismiss", exact=True).count():
-                    page.get_by_text("Dismiss", exact=True).click()
-                page.click("[data-cy=action-browse-operations]")
-                page.keyboard.type("Segment everything")
-                page.get_by_text("TinySAM: Segment everything").first.click()
-                field_input(page, "Model").wait_for(timeout=60_000)
-                field_input(page, "Model").fill(str(tiny_random_checkpoint))
-                field_input(page, "Points per side").fill("8")
-                field_input(page, "Predicted IoU threshold").fill("0")
-                field_input(page, "Stability threshold").fill("0")
-                field_input(page, "Output field").fill("sam_e2e")
-                page.wait_for_timeout(1500)  # the dynamic form re-resolves after edits
+                open_dataset(page, port, name)
+                fill_everything_form(page, tiny_random_checkpoint, "8", "sam_e2e")
                 page.get_by_role("button", name="Schedule").click()
 
                 service = DelegatedOperationService()
@@ -164,6 +152,28 @@ def scene(path: Path) -> tuple[list[float], list[float]]:
     return [26 / 320, 36 / 240, 118 / 320, 88 / 240], [176 / 320, 126 / 240, 128 / 320, 88 / 240]
 
 
+def open_dataset(page, port: int, name: str) -> None:
+    """The App's grid of dataset `name`, loaded, with the first-visit banner dismissed."""
+    page.goto(f"http://127.0.0.1:{port}/datasets/{name}")
+    page.wait_for_selector("[data-cy=looker]", timeout=180_000)
+    if page.get_by_text("Dismiss", exact=True).count():
+        page.get_by_text("Dismiss", exact=True).click()
+
+
+def fill_everything_form(page, model, points_per_side: str, field: str) -> None:
+    """Open "Segment everything" from the operator browser and fill it: no score filters, a small grid."""
+    page.click("[data-cy=action-browse-operations]")
+    page.keyboard.type("Segment everything")
+    page.get_by_text("TinySAM: Segment everything").first.click()
+    field_input(page, "Model").wait_for(timeout=60_000)
+    field_input(page, "Model").fill(str(model))
+    field_input(page, "Points per side").fill(points_per_side)
+    field_input(page, "Predicted IoU threshold").fill("0")
+    field_input(page, "Stability threshold").fill("0")
+    field_input(page, "Output field").fill(field)
+    page.wait_for_timeout(1500)  # the dynamic form re-resolves after edits
+
+
 def on_screen(page, box: list[float], size=(320, 240)) -> tuple[float, float]:
     """Screen position of a relative box's centre in the modal's image (the image is fitted, centred)."""
     frame = page.locator("[data-cy=modal-looker-container] canvas").first.bounding_box()
@@ -220,10 +230,7 @@ def test_selected_label_masks_show_in_the_open_modal(tmp_path):
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             try:
-                page.goto(f"http://127.0.0.1:{server.port}/datasets/{name}")
-                page.wait_for_selector("[data-cy=looker]", timeout=180_000)
-                if page.get_by_text("Dismiss", exact=True).count():
-                    page.get_by_text("Dismiss", exact=True).click()
+                open_dataset(page, server.port, name)
                 page.locator("[data-cy=looker]").first.click()
                 page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
                 page.wait_for_timeout(2000)
@@ -286,20 +293,8 @@ def test_immediate_run_shows_progress_in_the_app(tmp_path, tiny_random_checkpoin
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             try:
-                page.goto(f"http://127.0.0.1:{server.port}/datasets/{name}")
-                page.wait_for_selector("[data-cy=looker]", timeout=180_000)
-                if page.get_by_text("Dismiss", exact=True).count():
-                    page.get_by_text("Dismiss", exact=True).click()
-                page.click("[data-cy=action-browse-operations]")
-                page.keyboard.type("Segment everything")
-                page.get_by_text("TinySAM: Segment everything").first.click()
-                field_input(page, "Model").wait_for(timeout=60_000)
-                field_input(page, "Model").fill(str(tiny_random_checkpoint))
-                field_input(page, "Points per side").fill("16")
-                field_input(page, "Predicted IoU threshold").fill("0")
-                field_input(page, "Stability threshold").fill("0")
-                field_input(page, "Output field").fill("sam_now")
-                page.wait_for_timeout(1500)  # the dynamic form re-resolves after edits
+                open_dataset(page, server.port, name)
+                fill_everything_form(page, tiny_random_checkpoint, "16", "sam_now")
                 page.get_by_role("button", name="Schedule").locator("xpath=following-sibling::*[1]").click()
                 page.get_by_text("Run this operation synchronously").click()
                 page.get_by_role("button", name="Execute").first.click()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fiftyone_helpers import PLUGIN_DIR, REPO, demo_model_available, fiftyone_env
-from test_fiftyone_app_e2e import CHROMIUM, AppServer, pixel, scene
+from fiftyone_helpers import REPO, fiftyone_env
+from test_fiftyone_app_e2e import CHROMIUM, AppServer, open_dataset, pixel, scene
 
 ARTIFACTS = Path(os.environ.get("TINYSAM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "panel"
 RED_RECT = (30, 40, 140, 120)  # x0, y0, x1, y1 (exclusive) of the red rectangle in `scene`'s 320×240 image
@@ -46,8 +46,6 @@ def changed(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
 def test_panel_geometry_and_save_without_the_app(tmp_path, monkeypatch):
     """The panel's parts the App calls into: click and box mapping, segmentation with the shared predictor, and
     saving (append, refuse a field of another type, refuse an empty mask)."""
-    if not demo_model_available():
-        pytest.skip("the bundled demo model is not installed")
     monkeypatch.setenv("TINYSAM_OFFLINE", "1")
     fiftyone_env()
     import fiftyone as fo
@@ -95,10 +93,6 @@ def test_click_to_segment_panel_saves_a_mask(tmp_path):
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    if not demo_model_available():
-        pytest.skip("the bundled demo model is not installed")
-    if "click_to_segment" not in (PLUGIN_DIR / "fiftyone.yml").read_text():
-        pytest.skip("the plugin does not register the click_to_segment panel yet (fiftyone.yml `panels:`)")
     info = fiftyone_env()
     import fiftyone as fo
 
@@ -118,10 +112,7 @@ def test_click_to_segment_panel_saves_a_mask(tmp_path):
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             try:
-                page.goto(f"http://127.0.0.1:{server.port}/datasets/{name}")
-                page.wait_for_selector("[data-cy=looker]", timeout=180_000)
-                if page.get_by_text("Dismiss", exact=True).count():
-                    page.get_by_text("Dismiss", exact=True).click()
+                open_dataset(page, server.port, name)
                 page.locator("[data-cy=looker]").first.click()
                 page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
 
