@@ -55,6 +55,7 @@ class LoopbackCluster:
         self.address = f"127.0.0.1:{HEAD_PORT}"
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
         self.nodes: list[subprocess.Popen] = []
+        self.relays: list[subprocess.Popen] = []
         self.logs = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -75,6 +76,10 @@ class LoopbackCluster:
         return self
 
     def __exit__(self, *exc) -> None:
+        for relay in self.relays:
+            if relay.poll() is None:
+                relay.kill()
+                relay.wait()
         for proc in reversed(self.nodes):  # workers first, then the head; all wind down together
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -127,6 +132,18 @@ class LoopbackCluster:
         """Run a command inside the namespace (e.g. a driver connecting to `self.address`)."""
         return subprocess.run(self.netns_prefix(cpu_set) + list(args), capture_output=True, text=True,
                               timeout=timeout, env={**self.env, **(env or {})})
+
+    def forward_port(self, port: int) -> None:
+        """Make 127.0.0.1:`port` of the host (e.g. a database or a Label Studio server) reachable at the same
+        address inside the namespace, through a Unix socket and two relays stopped with the cluster."""
+        relay = str(Path(__file__).with_name("port_relay.py"))
+        sock = str(self.root / f"relay-{port}.sock")
+        for cmd in ([sys.executable, relay, "unix-to-tcp", sock, str(port)],
+                    self.netns_prefix() + [sys.executable, relay, "tcp-to-unix", str(port), sock]):
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.relays.append(proc)
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"port relay {cmd} did not start")
 
     def alive_nodes(self) -> int:
         code = (f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "

@@ -262,3 +262,16 @@ def test_stale_running_summary_says_how_to_continue(fo, dataset, tiny_random_che
     assert "has not reported for 3 minute(s)" in stale_reason(summary)
     assert stale_reason({**summary, "heartbeat": datetime.now(timezone.utc).isoformat()}) is None
     assert stale_reason({**summary, "status": "completed"}) is None
+
+
+def test_everything_form_offers_a_ray_cluster_and_prompt_runs_refuse_one(fo, dataset):
+    from tinysam_kit.integrations.fiftyone.runner import RunError, RunSpec, validate_spec
+
+    props = form("segment_everything", dataset, {})
+    assert props["ray_address"]["view"]["label"] == "Ray cluster (optional)" and "batch_size" not in props
+    on_ray = form("segment_everything", dataset, {"ray_address": "auto"})
+    assert on_ray["batch_size"]["default"] == 1 and "ray_missing" not in on_ray  # ray is installed here
+    with pytest.raises(RunError, match="a Ray address applies to everything mode only"):
+        validate_spec(dataset, RunSpec("prompts", "masks", box_field="gt", ray_address="auto"))
+    with pytest.raises(RunError, match="the Ray address is empty"):
+        validate_spec(dataset, RunSpec("everything", "masks", ray_address=" "))

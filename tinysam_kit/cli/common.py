@@ -25,6 +25,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_offline_argument(parser)
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser, what: str = "everything mode") -> None:
+    """--ray ADDRESS, --ray-actors N and --batch-size N: the same words on every dataset-wide command."""
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help=f"run {what} on a Ray cluster: 'auto' (the cluster Ray finds) or HOST:PORT; images "
+                             "must be readable by every node; needs the ray extra (pip install 'tinysam-kit[ray]')")
+    parser.add_argument("--ray-actors", type=int, metavar="N",
+                        help="with --ray: grow the model-actor pool up to N as an autoscaling cluster adds nodes "
+                             "(default: as many as the cluster holds now: one per GPU, else one per --threads CPUs)")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N",
+                        help="images per encoder call (GPUs: 8–32; on CPU 1 is as fast)")
+
+
+def check_ray_arguments(args, batches_need_ray: bool = False) -> None:
+    """Refuse inconsistent Ray options before anything loads; `batches_need_ray`: the command encodes one image
+    per call in its own process, so --batch-size applies to --ray runs only."""
+    if batches_need_ray and args.batch_size != 1 and not args.ray:
+        raise CliError("--batch-size applies to --ray runs (this command encodes one image per call in its own "
+                       "process)")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise CliError(f"--ray-actors must be at least 1, got {args.ray_actors}")
+    if args.ray_actors is not None and not args.ray:
+        raise CliError("--ray-actors needs --ray")
+
+
 def add_offline_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offline", action="store_true",
                         help="never contact the network for weights ('auto' then uses what is on disk; same as "

@@ -4,6 +4,7 @@
     tinysam fiftyone prelabel ./images --dataset my-images            # hierarchical everything mode
     tinysam fiftyone prelabel ./images --dataset my-images --dense --field dense_masks
     tinysam fiftyone prelabel ./images --dataset my-images --polylines --field outlines
+    tinysam fiftyone prelabel /shared/images --dataset my-images --ray auto   # on a Ray cluster
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tinysam_kit.cli.common import CliError, add_model_arguments, apply_offline, resolve_model_choice
+from tinysam_kit.cli.common import (
+    CliError,
+    add_model_arguments,
+    add_ray_arguments,
+    apply_offline,
+    check_ray_arguments,
+    resolve_model_choice,
+)
 
 PLUGIN_NAME = "@tinysam-kit/tinysam"
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "integrations" / "fiftyone" / "plugin"
@@ -51,6 +59,7 @@ def register(subparsers) -> None:
     pre.add_argument("--masks-dir", default=None, help="store masks as PNG files under this folder")
     pre.add_argument("--overwrite", action="store_true", help="recompute samples already done / replace the field")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_arguments(pre)
     add_model_arguments(pre)
     pre.set_defaults(func=prelabel)
 
@@ -115,6 +124,7 @@ def prelabel(args) -> int:
 
     apply_offline(args)
     try:
+        check_ray_arguments(args, batches_need_ray=True)
         resolve_model_choice(args.model)  # says here, once, when `auto` falls back to the demo model
         options = EngineOptions.from_mapping(vars(args))
     except (CliError, PolicyError) as exc:
@@ -141,7 +151,8 @@ def prelabel(args) -> int:
     spec = RunSpec("everything", args.field, options=options, mode="dense" if args.dense else "hierarchical",
                    everything={k: v for k, v in everything.items() if v is not None}, label=args.label,
                    output="polylines" if args.polylines else "detections",
-                   instance_map_field=args.instance_map_field, mask_dir=args.masks_dir, overwrite=args.overwrite)
+                   instance_map_field=args.instance_map_field, mask_dir=args.masks_dir, overwrite=args.overwrite,
+                   ray_address=args.ray, ray_actors=args.ray_actors, batch_size=args.batch_size)
     bar = None
 
     def progress(n: int, total: int, name: str) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from tinysam_kit.cli.common import add_offline_argument, apply_offline
+from tinysam_kit.cli.common import (
+    CliError,
+    add_offline_argument,
+    add_ray_arguments,
+    apply_offline,
+    check_ray_arguments,
+)
 from tinysam_kit.inference.policy import ENGINES, MAX_AREA_FRACTION, PRECISIONS
 from tinysam_kit.integrations.labelstudio.settings import BackendSettings
 
@@ -76,6 +82,7 @@ def register(subparsers) -> None:
     pre.add_argument("--embeddings-only", action="store_true",
                      help="only encode the tasks' images into the embedding store (TINYSAM_EMBEDDING_STORE), so "
                           "the first click on each task is fast; predicts nothing; skips images stored already")
+    add_ray_arguments(pre, "everything mode (task images are downloaded by the nodes)")
     _model_args(pre)
     _batch_args(pre)
     pre.set_defaults(func=ls_prelabel)
@@ -115,10 +122,13 @@ def ls_prelabel(args) -> int:
     from tinysam_kit.integrations.labelstudio.settings import SettingsError
 
     try:
+        check_ray_arguments(args, batches_need_ray=True)
+        if args.ray and args.embeddings_only:
+            raise CliError("--embeddings-only fills this machine's embedding store; it does not run on --ray")
         settings = _settings(args, label_studio_url=args.url, label_studio_api_key=args.api_key)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         backend = TinySamBackend(settings)
-    except (SettingsError, LabelStudioAPIError, ValueError, RuntimeError, OSError) as exc:
+    except (CliError, SettingsError, LabelStudioAPIError, ValueError, RuntimeError, OSError) as exc:
         print(f"tinysam ls-prelabel: {exc}", file=sys.stderr)
         return 2
     if backend.model_choice.note:
@@ -130,7 +140,8 @@ def ls_prelabel(args) -> int:
                                    progress=not args.no_progress)
         else:
             stats = prelabel_project(backend, client, args.project, page_size=args.page_size, limit=args.limit,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, ray_address=args.ray,
+                                     ray_actors=args.ray_actors, batch_size=args.batch_size)
     except LabelStudioAPIError as exc:
         print(f"tinysam ls-prelabel: {exc}", file=sys.stderr)
         return 1
@@ -148,6 +159,8 @@ def ls_prelabel(args) -> int:
         print(f"project {args.project}: {stats.predicted} predicted, {stats.empty} with no region (not pushed), "
               f"{stats.skipped} already done, {stats.failed} failed, {stats.regions} regions in {stats.seconds:.1f} s")
         errors, failed = stats.errors, stats.failed
+        if stats.cluster:
+            print(stats.cluster, file=sys.stderr)
     for line in errors[:20]:
         print(f"  {line}", file=sys.stderr)
     return 1 if failed else 0

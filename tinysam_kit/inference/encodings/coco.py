@@ -108,3 +108,9 @@ def coco_rle_to_mask(rle: dict) -> np.ndarray:
 
 def mask_to_coco_rle(mask: np.ndarray) -> dict:
     return to_coco_rle(mask_to_uncompressed_rle(mask))
+
+
+def with_binary_masks(records: list[dict]) -> list[dict]:
+    """Everything-mode records whose `segmentation` is RLE (compressed or not), as records with H×W bool
+    masks (what the "binary_mask" output mode gives)."""
+    return [{**r, "segmentation": coco_rle_to_mask(r["segmentation"])} for r in records]

@@ -8,6 +8,9 @@
   hold the status, counts, per-sample errors and a heartbeat, so a run whose process died shows as stale.
 * Throughput: images are decoded by a small thread pool a bounded number of samples ahead of inference,
   and results are written in batches.
+* Scale-out: with `ray_address` set, everything mode runs on a Ray cluster's model actors (the sample files
+  must be readable by every node: a shared filesystem) and this process writes each sample as its result
+  arrives, under the same guarantees; the labels equal those of a run in this process.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 from tinysam_kit.data.images import load_image
@@ -71,6 +74,10 @@ class RunSpec:
     write_batch: int = 16
     prefetch: int = 4
     decode_workers: int = 2
+    # everything mode on a Ray cluster ('auto' or HOST:PORT); None runs in this process
+    ray_address: str | None = None
+    ray_actors: int | None = None  # grow the actor pool up to this many (default: what the cluster holds)
+    batch_size: int = 1  # images per encoder call on the cluster's actors
 
     def everything_params(self, model_name: str) -> dict:
         """The everything-mode parameters this run uses with `model_name` (pre-labelling rules)."""
@@ -205,7 +212,13 @@ def validate_spec(samples, spec: RunSpec) -> None:
             raise RunError(f"unknown everything-mode parameter(s): {', '.join(unknown)}")
         if spec.mode not in ("hierarchical", "dense"):
             raise RunError(f"mode must be 'hierarchical' or 'dense', got {spec.mode!r}")
+        if spec.ray_address is not None and not str(spec.ray_address).strip():
+            raise RunError("the Ray address is empty: give 'auto' or HOST:PORT, or none to run in this process")
+        if spec.batch_size < 1 or (spec.ray_actors is not None and spec.ray_actors < 1):
+            raise RunError("batch size and Ray actors must be positive integers")
         return
+    if spec.ray_address:
+        raise RunError("prompt runs execute in this process; a Ray address applies to everything mode only")
     if not spec.box_field and not spec.point_field:
         raise RunError("give a box prompt field (Detections) and/or a point prompt field (Keypoints)")
     for name, want in ((spec.box_field, "Detections"), (spec.point_field, "Keypoints")):
@@ -290,7 +303,8 @@ def _record_run(dataset, spec: RunSpec, predictor: TinySamPredictor, summary: Ru
     choice = predictor.model_choice
     signature = spec.signature(choice.name, predictor.model_version, predictor.model_name)
     parameters = {k: v for k, v in asdict(spec).items()
-                  if k not in ("options", "overwrite", "write_batch", "prefetch", "decode_workers")}
+                  if k not in ("options", "overwrite", "write_batch", "prefetch", "decode_workers",
+                               "ray_actors", "batch_size")}
     if spec.task == "everything":
         parameters["everything"] = spec.everything_params(predictor.model_name)
     config = dataset.init_run(
@@ -416,12 +430,12 @@ def _prompt_values(samples, spec: RunSpec, ids: list[str], chunk: int = 64) -> I
             yield by_name.get(spec.box_field), by_name.get(spec.point_field)
 
 
-def image_metadata(path: str, image):
-    """FiftyOne's `ImageMetadata` for a sample whose image was just decoded (size from the pixels)."""
+def image_metadata(path: str, height: int, width: int, channels: int = 3):
+    """FiftyOne's `ImageMetadata` for a sample whose image was decoded (size from the decoded pixels: the
+    orientation the model saw)."""
     import fiftyone as fo
 
-    h, w = image.shape[:2]
-    channels = image.shape[2] if image.ndim == 3 else 1
+    h, w = height, width
     try:
         size = os.path.getsize(path)
     except OSError:
@@ -475,32 +489,23 @@ def iter_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None
             summary.seconds = time.perf_counter() - t0
             _save_summary(dataset, summary)
 
-    prompts_iter = _prompt_values(samples, spec, ids) if spec.task == "prompts" else itertools.repeat((None, None))
-    items = ((i, p, next(prompts_iter)) for i, p in zip(ids, paths))
+    outcomes = (_ray_outcomes(spec, predictor, ids, paths) if spec.ray_address
+                else _local_outcomes(samples, spec, predictor, ids, paths, summary))
     writer = _Writer(dataset, spec, spec.write_batch, on_flush=beat)
-    everything = None
-    if spec.task == "everything":
-        from tinysam_kit.inference.everything import EverythingGenerator
-
-        everything = EverythingGenerator(predictor, spec.mode, **spec.everything_params(predictor.model_name))
     try:
-        for n, ((sample_id, path, prompt_labels), image, error) in enumerate(
-                prefetch_images(items, lambda item: load_image(item[1]), spec.prefetch, spec.decode_workers), 1):
+        for n, (sample_id, path, outcome) in enumerate(outcomes, 1):
             if cancel is not None and cancel.is_set():
                 summary.status = "cancelled"
                 break
-            if error is None:
-                try:
-                    detections, instance_map = _segment_sample(predictor, everything, spec, sample_id, image,
-                                                               prompt_labels, summary)
-                    writer.add(sample_id, detections, instance_map, image_metadata(path, image))
-                    succeeded.append(sample_id)
-                    summary.processed += 1
-                    summary.masks += L.label_count(detections)
-                except PromptError as exc:
-                    error = exc
-            if error is not None:
-                summary.errors.append({"sample_id": sample_id, "filepath": path, "error": str(error)})
+            if isinstance(outcome, Exception):
+                summary.errors.append({"sample_id": sample_id, "filepath": path, "error": str(outcome)})
+            else:
+                results, (h, w) = outcome
+                detections, instance_map = _sample_labels(spec, sample_id, results, (h, w))
+                writer.add(sample_id, detections, instance_map, image_metadata(path, h, w))
+                succeeded.append(sample_id)
+                summary.processed += 1
+                summary.masks += L.label_count(detections)
             beat()
             yield n, len(ids), os.path.basename(path)
         writer.flush()
@@ -520,24 +525,81 @@ def iter_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None
     yield summary
 
 
-def _segment_sample(predictor, everything, spec: RunSpec, sample_id: str, image, prompt_labels,
-                    summary: RunSummary):
+Outcome = tuple[list, tuple[int, int]] | Exception  # (mask results, (height, width)) or why the sample failed
+
+
+def _local_outcomes(samples, spec: RunSpec, predictor: TinySamPredictor, ids: list[str], paths: list[str],
+                    summary: RunSummary) -> Iterator[tuple[str, str, Outcome]]:
+    """(sample id, filepath, outcome) per sample, in order, computed in this process (decoding prefetched)."""
+    prompts_iter = _prompt_values(samples, spec, ids) if spec.task == "prompts" else itertools.repeat((None, None))
+    items = ((i, p, next(prompts_iter)) for i, p in zip(ids, paths))
+    everything = None
+    if spec.task == "everything":
+        from tinysam_kit.inference.everything import EverythingGenerator
+
+        everything = EverythingGenerator(predictor, spec.mode, **spec.everything_params(predictor.model_name))
+    for (sample_id, path, prompt_labels), image, error in prefetch_images(
+            items, lambda item: load_image(item[1]), spec.prefetch, spec.decode_workers):
+        if error is None:
+            try:
+                outcome = (_sample_results(predictor, everything, spec, image, prompt_labels, summary),
+                           image.shape[:2])
+            except PromptError as exc:
+                outcome = exc
+        else:
+            outcome = error
+        yield sample_id, path, outcome
+
+
+def _ray_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str],
+                  paths: list[str]) -> Iterator[tuple[str, str, Outcome]]:
+    """(sample id, filepath, outcome) per sample, as the cluster's model actors finish them.
+
+    The actors load the model this process resolved (so `auto` cannot resolve differently on a node), and
+    every result must come from the same model version as this process's, or the run stops."""
+    from tinysam_kit.inference.encodings.coco import with_binary_masks
+    from tinysam_kit.integrations.ray import RayRunError, RayUnavailableError, iter_everything_on_ray
+
+    options = replace(spec.options, model=predictor.model_choice.name)
+    path_of = dict(zip(ids, paths))
+    try:
+        for sample_id, result in iter_everything_on_ray(
+                path_of, address=spec.ray_address, options=options, mode=spec.mode,
+                params=spec.everything_params(predictor.model_name), batch_size=spec.batch_size,
+                max_actors=spec.ray_actors, output_mode="coco_rle"):
+            if result.error is not None:
+                yield sample_id, path_of[sample_id], RunError(result.error)
+                continue
+            if result.model_version != predictor.model_version:
+                raise RunError(f"the cluster's model is {result.model_version}, this process's is "
+                               f"{predictor.model_version}: give every node the same weights (or an explicit "
+                               "checkpoint path they all read)")
+            results = L.everything_results(with_binary_masks(result.records), spec.label)
+            yield sample_id, path_of[sample_id], (results, (result.height, result.width))
+    except (RayUnavailableError, RayRunError) as exc:
+        raise RunError(str(exc)) from exc
+
+
+def _sample_results(predictor, everything, spec: RunSpec, image, prompt_labels, summary: RunSummary) -> list:
     h, w = image.shape[:2]
     # Encoded afresh (cache=False), never read from the embedding store: stored embeddings are rounded to fp16,
     # and a run's output must not depend on what happened to be stored (a resumed run equals an uninterrupted one).
     if everything is not None:
-        state = predictor.embed(image, cache=False)
-        results = L.everything_results(everything.generate(image_embedding=state), spec.label)
-    else:
-        boxes, points = prompt_labels
-        prompts = L.combine_prompts(
-            L.box_prompts(boxes, w, h, spec.box_field or "boxes"),
-            L.point_prompts(points, w, h, spec.point_field or "points", spec.point_label_attribute))
-        if not prompts:
-            summary.without_prompts += 1
-            results = []
-        else:
-            results = L.segment_prompts(predictor, predictor.embed(image, cache=False), prompts)
+        return L.everything_results(everything.generate(image_embedding=predictor.embed(image, cache=False)),
+                                    spec.label)
+    boxes, points = prompt_labels
+    prompts = L.combine_prompts(
+        L.box_prompts(boxes, w, h, spec.box_field or "boxes"),
+        L.point_prompts(points, w, h, spec.point_field or "points", spec.point_label_attribute))
+    if not prompts:
+        summary.without_prompts += 1
+        return []
+    return L.segment_prompts(predictor, predictor.embed(image, cache=False), prompts)
+
+
+def _sample_labels(spec: RunSpec, sample_id: str, results: list, shape: tuple[int, int]):
+    """(output label, instance map or None) of one sample's results; mask files are written here."""
+    h, w = shape
     mask_dir = _sample_mask_dir(spec, sample_id)
     instance_map = None
     if spec.instance_map_field:

@@ -536,21 +536,36 @@ class TinySamBackend:
             return {"error": str(exc), "model_version": self.model_version}
         return prediction if prediction["result"] else []
 
+    def batch_image_name(self, config: LabelConfig) -> str:
+        """The image that batch pre-labelling segments: the first one a brush or polygon control points at."""
+        return next(name for name in config.images if any(name in c.to_name for c in config.outputs))
+
+    def batch_image_url(self, task: dict, config: LabelConfig) -> str:
+        """The resolved URL of the image a task's batch prediction segments (no download)."""
+        return self.image_key(task, self._image_url(task, config, self.batch_image_name(config)))
+
     def everything(self, task: dict, config: LabelConfig) -> dict:
         """Everything-mode regions of one task (the best `max_regions`, near-whole-image masks dropped)."""
         from tinysam_kit.inference.everything import generate_everything
 
-        image_name = next(name for name in config.images if any(name in c.to_name for c in config.outputs))
-        control = config.output_for(image_name)
-        label = batch_label(control, self.settings.batch_label)
+        image_name = self.batch_image_name(config)
         state = self._embedding(task, self._image_url(task, config, image_name), interactive=False)
-        s = self.settings
         try:
             with self.gate.hold(False):
-                records = generate_everything(self.predictor, mode=s.everything_mode, image_embedding=state,
-                                              output_mode="binary_mask", **self.everything_params)
+                records = generate_everything(self.predictor, mode=self.settings.everything_mode,
+                                              image_embedding=state, output_mode="binary_mask",
+                                              **self.everything_params)
         except PromptError as exc:
             raise BadRequest(str(exc)) from exc
+        return self.prediction_from_records(records, config)
+
+    def prediction_from_records(self, records: list[dict], config: LabelConfig) -> dict:
+        """A task's batch prediction from its everything-mode records (binary masks): regions of the best
+        `max_regions` at least `min_region_area` pixels, labelled with the batch label, scores in [0, 1]."""
+        image_name = self.batch_image_name(config)
+        control = config.output_for(image_name)
+        label = batch_label(control, self.settings.batch_label)
+        s = self.settings
         records = [r for r in records if int(r["area"]) >= s.min_region_area]
         records.sort(key=lambda r: float(r["predicted_iou"]), reverse=True)
         regions = [region for r in records[: s.max_regions]

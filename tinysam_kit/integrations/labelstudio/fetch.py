@@ -15,10 +15,14 @@ import fnmatch
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
 import httpx
+import numpy as np
+
+from tinysam_kit.data.images import load_image
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 MAX_REDIRECTS = 5
@@ -246,3 +250,49 @@ class ImageFetcher:
             raise ImageFetchError(f"fetching {url[:200]!r} timed out after {self.timeout:g} s", 504) from exc
         except httpx.HTTPError as exc:
             raise ImageFetchError(f"fetching {url[:200]!r} failed: {type(exc).__name__}: {exc}", 502) from exc
+
+
+_PROCESS_FETCHERS: dict[TaskImageLoader, ImageFetcher] = {}
+_PROCESS_FETCHERS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class TaskImageLoader:
+    """Reads task images on other machines (Ray cluster nodes) with the same rules as the backend: the Label
+    Studio host with its token, TINYSAM_ALLOWED_HOSTS, size and time limits, LOCAL_FILES_DOCUMENT_ROOT when
+    set (then it must be mounted at the same path on every node).
+
+    Picklable: it carries settings, not a connection; each process opens one fetcher per loader and reuses it
+    (connection pool, refreshed access token). Holds the API key: send it only to machines you trust with it.
+    """
+
+    label_studio_url: str
+    api_key: str
+    allowed_hosts: tuple[str, ...] = ()
+    local_files_root: str = ""
+    max_bytes: int = 64 * 1024 * 1024
+    timeout: float = 30.0
+
+    @classmethod
+    def like(cls, fetcher: ImageFetcher) -> TaskImageLoader:
+        """A loader that fetches as `fetcher` does."""
+        return cls(fetcher.label_studio_url, fetcher.auth.api_key if fetcher.auth is not None else "",
+                   fetcher.allowed_hosts, str(fetcher.local_files_root or ""), fetcher.max_bytes, fetcher.timeout)
+
+    def fetcher(self) -> ImageFetcher:
+        with _PROCESS_FETCHERS_LOCK:
+            fetcher = _PROCESS_FETCHERS.get(self)
+            if fetcher is None:
+                fetcher = _PROCESS_FETCHERS[self] = ImageFetcher(
+                    self.label_studio_url, self.api_key, allowed_hosts=self.allowed_hosts,
+                    local_files_root=self.local_files_root, max_bytes=self.max_bytes, timeout=self.timeout)
+            return fetcher
+
+    def __call__(self, url: str) -> np.ndarray:
+        """RGB uint8 pixels of the image at a resolved task image URL; OSError (download refused or failed)
+        or ImageError (not a readable image) say why not."""
+        try:
+            data = self.fetcher().fetch(url)
+        except ImageFetchError as exc:
+            raise OSError(str(exc)) from exc
+        return load_image(data, name=url[:200])

@@ -6,6 +6,10 @@ interruption continues where the last one stopped (at most the task in flight is
 `model_version` names the model and every batch setting, so a rerun with other settings predicts again.
 A task where nothing was found gets no prediction (an empty one would only hide it from the next run).
 `--embeddings-only` (`warm_embeddings`) only fills the embedding store, skipping images stored already.
+
+With a Ray address, everything mode runs on the cluster's model actors: this process lists the tasks,
+each node downloads its images itself (`TaskImageLoader`: the backend's allow-list, token and limits), and
+this process pushes each task's prediction as its result arrives — the same predictions as a local run.
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 
 from tinysam_kit.integrations.labelstudio.backend import BadRequest, TinySamBackend, batch_label
-from tinysam_kit.integrations.labelstudio.fetch import ImageFetchError, LabelStudioAuth
+from tinysam_kit.integrations.labelstudio.fetch import ImageFetchError, LabelStudioAuth, TaskImageLoader
 from tinysam_kit.integrations.labelstudio.label_config import LabelConfig, LabelConfigError, parse_label_config
 
 log = logging.getLogger("tinysam_kit.integrations.labelstudio.prelabel")
@@ -116,6 +120,7 @@ class PrelabelStats:
     regions: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    cluster: str | None = None  # what the Ray cluster did, for runs on one
 
 
 def _project_config(client: LabelStudioClient, project_id: int) -> LabelConfig:
@@ -140,8 +145,28 @@ def _project_tasks(client: LabelStudioClient, project_id: int, page_size: int, l
         yield task
 
 
+def _task_failed(stats, task_id, reason) -> None:
+    stats.failed += 1
+    stats.errors.append(f"task {task_id}: {reason}")
+    log.warning("task %s: %s", task_id, reason)
+
+
+def _push(client: LabelStudioClient, stats: PrelabelStats, task_id: int, prediction: dict) -> None:
+    """Store a task's prediction; one without regions is not stored (it would mark the task done)."""
+    if prediction["result"]:
+        client.create_prediction(task_id, prediction)
+        stats.predicted += 1
+        stats.regions += len(prediction["result"])
+    else:
+        stats.empty += 1
+
+
 def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project_id: int, *,
-                     page_size: int = 50, limit: int | None = None, progress: bool = True) -> PrelabelStats:
+                     page_size: int = 50, limit: int | None = None, progress: bool = True,
+                     ray_address: str | None = None, ray_actors: int | None = None,
+                     batch_size: int = 1) -> PrelabelStats:
+    """Predict every task of the project not done with this `model_version`, in this process or (with
+    `ray_address`) on a Ray cluster's model actors (`ray_actors` at most, `batch_size` images per encoder call)."""
     from tqdm import tqdm
 
     config = _project_config(client, project_id)
@@ -153,6 +178,12 @@ def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project
     stats = PrelabelStats()
     start = time.perf_counter()
     bar = tqdm(total=None, unit="task", desc=f"project {project_id}", disable=not progress)
+
+    def step() -> None:
+        bar.update(1)
+        bar.set_postfix(predicted=stats.predicted, empty=stats.empty, skipped=stats.skipped, failed=stats.failed)
+
+    todo: dict[str, str] = {}  # task id -> resolved image URL, for the cluster
     try:
         for task in _project_tasks(client, project_id, page_size, limit, bar):
             stats.seen += 1
@@ -160,23 +191,65 @@ def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project
                 stats.skipped += 1
             else:
                 try:
-                    prediction = backend.everything(task, config)
-                    if prediction["result"]:
-                        client.create_prediction(task["id"], prediction)
-                        stats.predicted += 1
-                        stats.regions += len(prediction["result"])
-                    else:
-                        stats.empty += 1
+                    if ray_address:
+                        todo[str(task["id"])] = backend.batch_image_url(task, config)
+                        continue  # counted when its result arrives
+                    _push(client, stats, task["id"], backend.everything(task, config))
                 except BadRequest as exc:
-                    stats.failed += 1
-                    stats.errors.append(f"task {task.get('id')}: {exc}")
-                    log.warning("task %s: %s", task.get("id"), exc)
-            bar.update(1)
-            bar.set_postfix(predicted=stats.predicted, empty=stats.empty, skipped=stats.skipped, failed=stats.failed)
+                    _task_failed(stats, task.get("id"), exc)
+            step()
+        if todo:
+            for task_id, prediction in _predict_on_ray(backend, config, todo, ray_address, ray_actors, batch_size,
+                                                       stats):
+                if isinstance(prediction, str):
+                    _task_failed(stats, task_id, prediction)
+                else:
+                    _push(client, stats, int(task_id), prediction)
+                step()
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _predict_on_ray(backend: TinySamBackend, config: LabelConfig, todo: dict[str, str], address: str,
+                    max_actors: int | None, batch_size: int, stats: PrelabelStats) -> Iterator[tuple[str, dict | str]]:
+    """(task id, prediction or why it failed) per task, as the cluster's actors finish them. The actors load the
+    model this process resolved, with the backend's everything-mode settings, and read images as it would."""
+    from tinysam_kit.inference.encodings.coco import with_binary_masks
+    from tinysam_kit.integrations.ray import (
+        Failure,
+        RayRunError,
+        RaySummary,
+        RayUnavailableError,
+        iter_everything_on_ray,
+    )
+
+    options = replace(backend.settings.engine_options(), model=backend.model_choice.name)
+    expected = backend.predictor.model_version
+    summary = RaySummary(len(todo))
+    start = time.perf_counter()
+    try:
+        for task_id, result in iter_everything_on_ray(
+                todo, address=address, options=options, mode=backend.settings.everything_mode,
+                params=backend.everything_params, batch_size=batch_size, max_actors=max_actors,
+                output_mode="coco_rle", load=TaskImageLoader.like(backend.fetcher), summary=summary):
+            if result.error is None:
+                summary.written += 1
+            else:
+                summary.failures.append(Failure(task_id, todo[task_id], result.error))
+            summary.masks += len(result.records or [])
+            summary.seconds = time.perf_counter() - start
+            stats.cluster = summary.describe()
+            if result.error is not None:
+                yield task_id, result.error
+            elif result.model_version != expected:
+                raise LabelStudioAPIError(f"the cluster's model is {result.model_version}, this process's is "
+                                          f"{expected}: give every node the same weights")
+            else:
+                yield task_id, backend.prediction_from_records(with_binary_masks(result.records), config)
+    except (RayUnavailableError, RayRunError) as exc:
+        raise LabelStudioAPIError(str(exc)) from exc
 
 
 @dataclass
@@ -220,9 +293,7 @@ def warm_embeddings(backend: TinySamBackend, client: LabelStudioClient, project_
                     else:
                         stats.stored += 1
                 except BadRequest as exc:
-                    stats.failed += 1
-                    stats.errors.append(f"task {task.get('id')}: {exc}")
-                    log.warning("task %s: %s", task.get("id"), exc)
+                    _task_failed(stats, task.get("id"), exc)
             bar.update(1)
             bar.set_postfix(encoded=stats.encoded, stored=stats.stored, failed=stats.failed)
     finally:

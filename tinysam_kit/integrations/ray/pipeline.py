@@ -6,8 +6,9 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -68,12 +69,13 @@ class RaySummary:
 
 
 # ------------------------------------------------------------------------------------- cluster side
-def decode_rows(batch: dict) -> dict:
-    """CPU task: read and decode images into raw RGB bytes; an unreadable image carries its reason instead."""
+def decode_rows(batch: dict, load: Callable[[str], np.ndarray] = load_image) -> dict:
+    """CPU task: read and decode images into raw RGB bytes with `load`; an unreadable image (OSError,
+    ValueError) carries its reason instead."""
     out = {"key": [], "source": [], "pixels": [], "height": [], "width": [], "error": []}
     for key, source in zip(batch["key"], batch["source"]):
         try:
-            image = load_image(str(source))
+            image = np.ascontiguousarray(load(str(source)), dtype=np.uint8)
             error = ""
         except (OSError, ValueError) as exc:
             image, error = np.zeros((0, 0, 3), np.uint8), f"{type(exc).__name__}: {exc}"
@@ -151,6 +153,7 @@ def iter_everything_on_ray(items: Mapping[str, str] | Iterable[tuple[str, str]],
                            options: EngineOptions | None = None, mode: str = "hierarchical",
                            params: dict | None = None, batch_size: int = 1, max_actors: int | None = None,
                            min_actors: int | None = None, output_mode: str = "coco_rle",
+                           load: Callable[[str], np.ndarray] | None = None,
                            summary: RaySummary | None = None) -> Iterator[tuple[str, PrelabelResult]]:
     """Everything mode for `items` (key → source readable by every node) on the cluster at `address`.
 
@@ -158,7 +161,15 @@ def iter_everything_on_ray(items: Mapping[str, str] | Iterable[tuple[str, str]],
     image). `params` are everything-mode parameters (`policy.everything_params`); `batch_size` images per
     encoder call. The actor pool starts with `min_actors` (default: as many as the cluster holds now) and
     scales up to `max_actors` (default the same) as an autoscaling cluster adds nodes.
+
+    `load(source)` reads one image as RGB uint8 on a cluster node (default: `load_image`, a path or URL
+    every node can read). It is pickled to the nodes with what it holds (e.g. a Label Studio token), and
+    signals an unreadable image with OSError or ValueError. Records are `output_mode` "coco_rle" (compact,
+    JSON-safe) or "uncompressed_rle" (`encodings.coco.with_binary_masks` turns either into arrays).
     """
+    if output_mode not in ("coco_rle", "uncompressed_rle"):
+        raise ValueError(f"output_mode must be 'coco_rle' or 'uncompressed_rle' on Ray (records travel as JSON), "
+                         f"got {output_mode!r}")
     ray = require_ray()
     items = list(items.items() if isinstance(items, Mapping) else items)
     summary = summary if summary is not None else RaySummary(len(items))
@@ -173,7 +184,7 @@ def iter_everything_on_ray(items: Mapping[str, str] | Iterable[tuple[str, str]],
     ds = ray.data.from_items([{"key": k, "source": s} for k, s in items],
                              override_num_blocks=min(len(items), MAX_BLOCKS))
     # Decoding needs no reserved CPU: it is short, and a CPU reserved for it would idle between images.
-    decoded = ds.map_batches(decode_rows, batch_size=1, num_cpus=0,
+    decoded = ds.map_batches(partial(decode_rows, load=load or load_image), batch_size=1, num_cpus=0,
                              compute=ray.data.TaskPoolStrategy(size=2 * pool_max))
     results = decoded.map_batches(
         EverythingActor, batch_size=max(1, int(batch_size)),
