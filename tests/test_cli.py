@@ -90,6 +90,29 @@ def test_everything_resumes_and_reports_bad_images(folder, tmp_path, tiny_random
     assert again == first  # finished images were not recomputed
 
 
+def test_everything_reads_a_list_file(folder, tmp_path, tiny_random_checkpoint, capsys):
+    """A list file names images anywhere (relative to the list or absolute); a missing one is reported as a
+    failure, the others are done, with keys relative to the deepest folder holding them all."""
+    from tinysam_kit.cli.common import images_root, list_images
+
+    listing = folder / "batch.txt"
+    listing.write_text(f"# tonight's batch\nsub/c.png\n\n{folder / 'a.png'}\nsub/c.png\ngone.png\n")
+    images = list_images(listing)
+    assert images == [folder / "sub" / "c.png", folder / "a.png", folder / "gone.png"]  # in order, each once
+    assert images_root(listing, images) == folder
+    assert images_root(folder / "sub" / "c.png", [folder / "sub" / "c.png"]) == folder / "sub"
+    out = tmp_path / "out"
+    code = main(["everything", str(listing), "--out", str(out), "--model", str(tiny_random_checkpoint), "--no-preview",
+                 *LOOSE])
+    assert code == 1 and "gone.png" in capsys.readouterr().err
+    merged = json.loads((out / "annotations.json").read_text())
+    assert [i["file_name"] for i in merged["images"]] == ["sub/c.png", "a.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "annotations.json", "sub__c.json"]
+    (folder / "empty.txt").write_text("# nothing\n")
+    assert main(["everything", str(folder / "empty.txt"), "--out", str(out)]) == 2
+    assert "the list names no images" in capsys.readouterr().err
+
+
 def test_segment_writes_mask(folder, tmp_path, tiny_random_checkpoint, capsys):
     out = tmp_path / "mask.png"
     code = main(["segment", str(folder / "a.png"), "--point", "20,20", "--point", "5,5,0", "--box", "5,5,45,35",

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+from tinysam_kit.data.images import IMAGE_SUFFIXES, find_images
 
 
 class CliError(Exception):
@@ -107,12 +107,48 @@ def parse_box(text: str) -> list[float]:
     return values
 
 
+LIST_SUFFIXES = (".txt", ".lst")
+
+
 def list_images(path: Path) -> list[Path]:
+    """The images a command's source names: one image file, a folder (searched recursively), or a list file
+    (`.txt`/`.lst`: one path per line, relative to the list's folder or absolute; blank lines and `#` comments
+    skipped). Listed files that are missing stay in the list: the run reports them as failures."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        return read_image_list(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise CliError(f"{path}: no such file or directory")
-    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = find_images(path)
     if not images:
         raise CliError(f"{path}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return images
+
+
+def read_image_list(path: Path) -> list[Path]:
+    base = path.resolve().parent
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: cannot read the image list: {exc}") from exc
+    images: dict[Path, None] = {}  # in order, each once
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            images[(base / Path(line).expanduser()).resolve()] = None
+    if not images:
+        raise CliError(f"{path}: the list names no images (one path per line)")
+    return list(images)
+
+
+def images_root(source: Path, images: list[Path]) -> Path:
+    """The folder output names are relative to: the source folder, a single image's folder, or the deepest
+    folder holding every image of a list."""
+    source = Path(source)
+    if source.is_dir():
+        return source
+    if images == [source]:
+        return source.parent
+    return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in images]))

@@ -18,12 +18,12 @@ from tinysam_kit.cli.common import (
     add_ray_arguments,
     apply_offline,
     check_ray_arguments,
+    list_images,
     resolve_model_choice,
 )
 
 PLUGIN_NAME = "@tinysam-kit/tinysam"
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "integrations" / "fiftyone" / "plugin"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
 def register(subparsers) -> None:
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
 
     pre = sub.add_parser("prelabel", help="create/update a persistent dataset from a folder and segment it "
                                           "(resumable: re-run to continue)")
-    pre.add_argument("image_dir", help="folder of images (searched recursively)")
+    pre.add_argument("image_dir", help="folder of images (searched recursively), an image, or a list file (.txt: "
+                                       "one path per line)")
     pre.add_argument("--dataset", required=True, help="FiftyOne dataset name (created if missing)")
     pre.add_argument("--field", default="tinysam",
                      help="output Detections (or, with --polylines, Polylines) field (default: tinysam)")
@@ -101,19 +102,11 @@ def install_plugin(args) -> int:
     return 0
 
 
-def find_images(image_dir: Path) -> list[Path]:
-    return sorted(p for p in image_dir.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
-
-
 def prelabel(args) -> int:
-    image_dir = Path(args.image_dir).expanduser()
-    if not image_dir.is_dir():
-        print(f"error: {image_dir} is not a folder", file=sys.stderr)
-        return 2
-    images = find_images(image_dir)
-    if not images:
-        print(f"error: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {image_dir}", file=sys.stderr)
+    try:
+        images = list_images(Path(args.image_dir).expanduser())
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
     import fiftyone as fo
@@ -142,7 +135,7 @@ def prelabel(args) -> int:
     new = [str(p.resolve()) for p in images if str(p.resolve()) not in known]
     if new:
         dataset.add_samples([fo.Sample(filepath=p) for p in new], progress=False)
-    print(f"dataset {dataset.name!r}: {len(dataset)} samples ({len(new)} added from {image_dir})")
+    print(f"dataset {dataset.name!r}: {len(dataset)} samples ({len(new)} added from {args.image_dir})")
 
     everything = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
                   "stability_score_thresh": args.stability_score_thresh, "box_nms_thresh": args.box_nms_thresh,

@@ -10,6 +10,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = int(os.environ.get("TINYSAM_MAX_IMAGE_PIXELS", 300_000_000))
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder` by suffix, recursively, sorted. Hidden files are skipped (e.g. the `._name.jpg`
+    metadata files macOS leaves on shared drives are not images)."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
 
 
 class ImageError(ValueError):

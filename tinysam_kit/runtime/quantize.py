@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tinysam_kit.data.images import load_image
+from tinysam_kit.data.images import IMAGE_SUFFIXES, find_images, load_image
 from tinysam_kit.data.preprocess import to_model_input
 from tinysam_kit.runtime.base import EngineUnavailableError
 from tinysam_kit.runtime.export import PARTS, manifest_name, part_name, read_manifest, stamp_metadata, write_json_atomic
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 # Chosen by measurement on TinySAM's 1024-px architecture (`tinysam quantize` compares the recipes; numbers in
 # docs/runtime.md): per-channel dynamic int8 MatMuls give both the best fidelity and the fastest encoder, while
 # guarded static QDQ runs slower than fp32 (its quantize/dequantize pairs around every float-kept operator
@@ -71,7 +70,7 @@ def calibration_images(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise QuantizationError(f"calibration directory {directory} does not exist")
-    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = find_images(directory)
     if not files:
         raise QuantizationError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {directory}")
     return files

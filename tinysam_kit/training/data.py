@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinysam_kit.data.images import IMAGE_SUFFIXES, find_images
 from tinysam_kit.data.preprocess import to_model_input  # noqa: F401 - training's input transform
 from tinysam_kit.data.synthetic import SyntheticWorld
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ImageFolder:
@@ -23,9 +22,9 @@ class ImageFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image directory not found: {self.root}")
-        self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.paths = find_images(self.root)
         if not self.paths:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {self.root}")
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {self.root}")
 
     def __len__(self) -> int:
         return len(self.paths)
