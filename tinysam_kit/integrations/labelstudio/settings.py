@@ -25,30 +25,26 @@ def _raw(env: Mapping[str, str], name: str) -> str:
     return str(env.get(name, "")).strip()
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int | None:
+def _number(env: Mapping[str, str], name: str, default, kind: type, minimum):
+    """The variable `name` as `kind` (int or float) at least `minimum`; `default` when unset or empty."""
     raw = _raw(env, name)
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError as exc:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
-    if value < minimum:
-        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float | None, minimum: float = 0.0) -> float | None:
-    raw = _raw(env, name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+        raise SettingsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from exc
     if not value >= minimum:  # also rejects NaN
         raise SettingsError(f"{name} must be >= {minimum:g}, got {raw}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int | None:
+    return _number(env, name, default, int, minimum)
+
+
+def _float(env: Mapping[str, str], name: str, default: float | None, minimum: float = 0.0) -> float | None:
+    return _number(env, name, default, float, minimum)
 
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
