@@ -64,3 +64,14 @@ def tiny_random_checkpoint(tmp_path_factory) -> Path:
     save_checkpoint(model, path)
     path.with_name(path.name + ".json").write_text(json.dumps({"config": config.to_dict()}))
     return path
+
+
+@pytest.fixture(scope="session")
+def fo():
+    """The `fiftyone` module, pointed at this test session's private database (see fiftyone_helpers)."""
+    from fiftyone_helpers import fiftyone_env
+
+    fiftyone_env()
+    import fiftyone
+
+    return fiftyone

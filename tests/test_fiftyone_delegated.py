@@ -21,14 +21,6 @@ N_IMAGES = 10
 PARAMS = {"points_per_side": 32, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "write_batch": 2}
 
 
-@pytest.fixture(scope="module")
-def fo():
-    fiftyone_env()
-    import fiftyone
-
-    return fiftyone
-
-
 def content(dataset, field):
     out = {}
     for sample in dataset:

@@ -8,14 +8,6 @@ import pytest
 from fiftyone_helpers import PLUGIN_URI, fiftyone_env, make_images
 
 
-@pytest.fixture(scope="module")
-def fo():
-    fiftyone_env()
-    import fiftyone
-
-    return fiftyone
-
-
 @pytest.fixture
 def dataset(fo, tmp_path):
     ds = fo.Dataset()

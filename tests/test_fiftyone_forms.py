@@ -13,14 +13,6 @@ FAST = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 
 
 
 @pytest.fixture(scope="module")
-def fo():
-    fiftyone_env()
-    import fiftyone
-
-    return fiftyone
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("form_images"), 3, seed=2)
 

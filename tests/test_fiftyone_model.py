@@ -12,17 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fiftyone_helpers import ZOO_DIR, demo_model_available, fiftyone_env, make_images, polylines_iou
+from fiftyone_helpers import ZOO_DIR, demo_model_available, make_images, polylines_iou
 
 FAST = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-
-
-@pytest.fixture(scope="module")
-def fo():
-    fiftyone_env()
-    import fiftyone
-
-    return fiftyone
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def demo_model():
 
 
 @pytest.fixture(scope="module")
-def fo(tmp_path_factory):
+def fo_env():
     return fiftyone_env()
 
 
@@ -48,9 +48,9 @@ def store(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster(fo):
+def cluster(fo_env):
     with LoopbackCluster(workers=[1], head_cpus=1) as c:
-        c.forward_port(fo["port"])  # the test database, at the same address inside the namespace
+        c.forward_port(fo_env["port"])  # the test database, at the same address inside the namespace
         yield c
 
 
@@ -63,7 +63,7 @@ def detections_by_path(dataset, field: str) -> dict:
     return dict(zip(dataset.values("filepath"), dataset.values(field)))
 
 
-def test_fiftyone_prelabel_on_ray_writes_what_the_local_run_writes(fo, cluster, store, tmp_path):
+def test_fiftyone_prelabel_on_ray_writes_what_the_local_run_writes(fo_env, cluster, store, tmp_path):
     import fiftyone as fo_api
 
     from tinysam_kit.integrations.fiftyone.runner import FAILED_TAG, load_summary
@@ -71,7 +71,7 @@ def test_fiftyone_prelabel_on_ray_writes_what_the_local_run_writes(fo, cluster, 
     folder = tmp_path / "images"
     make_images(folder, 5, size=(96, 128), seed=3)
     (folder / "broken.png").write_bytes(b"\x89PNG but not really")
-    env = {**fo["env"], **store}
+    env = {**fo_env["env"], **store}
     base = [TINYSAM, "fiftyone", "prelabel", str(folder), "--points-per-side", "8", *MODEL]
 
     local = run_here(base + ["--dataset", "sinks_local"], env)
@@ -110,7 +110,7 @@ def test_fiftyone_prelabel_on_ray_writes_what_the_local_run_writes(fo, cluster, 
     assert sum(len(d.detections) for d in b.exists("tinysam").values("tinysam")) == masks  # nothing twice
 
 
-def test_segment_everything_operator_runs_on_the_cluster(fo, cluster, store, tmp_path):
+def test_segment_everything_operator_runs_on_the_cluster(fo_env, cluster, store, tmp_path):
     """The App's *Segment everything* with a Ray address (as its delegated worker would run it, inside the
     cluster's namespace) writes what the operator writes in-process."""
     import fiftyone as fo_api
@@ -129,7 +129,7 @@ def test_segment_everything_operator_runs_on_the_cluster(fo, cluster, store, tmp
               f"result = execute_operator({operator!r}, dataset=fo.load_dataset('sinks_operator'), "
               f"params={{**{params!r}, 'label_field': 'there', 'ray_address': {cluster.address!r}}})\n"
               "print('error:', result.error) if result.error else print('done')")
-    result = cluster.run([sys.executable, "-c", script], timeout=400, env={**fo["env"], **store})
+    result = cluster.run([sys.executable, "-c", script], timeout=400, env={**fo_env["env"], **store})
     assert result.returncode == 0 and "done" in result.stdout, result.stdout + result.stderr
     dataset.reload()
     assert dataset.get_run_info(run_key_for("there")).config.parameters["ray_address"] == cluster.address
@@ -139,11 +139,11 @@ def test_segment_everything_operator_runs_on_the_cluster(fo, cluster, store, tmp
                    for a, b in zip(here.detections, there.detections))
 
 
-def test_fiftyone_prelabel_refuses_ray_options_without_ray(fo, store, tmp_path):
+def test_fiftyone_prelabel_refuses_ray_options_without_ray(fo_env, store, tmp_path):
     folder = tmp_path / "images"
     make_images(folder, 1)
     result = run_here([TINYSAM, "fiftyone", "prelabel", str(folder), "--dataset", "sinks_opts", *MODEL,
-                       "--batch-size", "4"], {**fo["env"], **store}, timeout=120)
+                       "--batch-size", "4"], {**fo_env["env"], **store}, timeout=120)
     assert result.returncode == 2 and "--batch-size applies to --ray runs" in result.stderr
 
 
