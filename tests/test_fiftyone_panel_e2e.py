@@ -3,19 +3,29 @@ Chromium through Playwright, with the bundled demo model (what `auto` resolves t
 
 Open a sample, open the panel, click on the red rectangle (the panel's picture shows the mask), Shift+click
 the background (a negative point), name the label and save (the panel outlines the saved mask, the sidebar
-gets the new field), drag a box around the blue rectangle in box mode, then see the mask in the grid and the
-field in the reopened modal, all without reloading the page. Screenshots go to $TINYSAM_TEST_ARTIFACTS/panel
-(default test-artifacts/panel); the test prints the folder."""
+gets the new field and the modal's Sample tab draws the saved mask), drag a box around the blue rectangle in
+box mode, then see the mask in the grid and the field in the reopened modal, all without reloading the page.
+Screenshots go to $TINYSAM_TEST_ARTIFACTS/panel (default test-artifacts/panel); the test prints the folder."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fiftyone_helpers import REPO, fiftyone_env
-from test_fiftyone_app_e2e import CHROMIUM, AppServer, open_dataset, pixel, scene
+from test_fiftyone_app_e2e import (
+    CHROMIUM,
+    AppServer,
+    colour,
+    differs,
+    on_screen,
+    open_dataset,
+    scene,
+    screenshot_until,
+)
 
 ARTIFACTS = Path(os.environ.get("TINYSAM_TEST_ARTIFACTS", REPO / "test-artifacts")) / "panel"
 RED_RECT = (30, 40, 140, 120)  # x0, y0, x1, y1 (exclusive) of the red rectangle in `scene`'s 320×240 image
@@ -36,6 +46,10 @@ def close_modal(page) -> None:
         page.wait_for_timeout(500)
         if not page.locator("[data-cy=modal]").count():
             return
+
+
+def pixel(path: Path, xy: tuple[float, float]) -> tuple[float, ...]:
+    return colour(path, xy, r=0)
 
 
 def changed(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
@@ -98,8 +112,9 @@ def test_click_to_segment_panel_saves_a_mask(tmp_path):
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"screenshots: {ARTIFACTS}")
-    shots = {k: ARTIFACTS / f"{k}.png" for k in ("panel_open", "positive_click", "negative_click", "saved_panel",
-                                                 "box_drag", "saved_grid", "reopened_modal", "failure")}
+    shots = {k: ARTIFACTS / f"{k}.png" for k in ("modal_before", "panel_open", "positive_click", "negative_click",
+                                                 "saved_panel", "saved_sample_tab", "box_drag", "saved_grid",
+                                                 "reopened_modal", "failure")}
     scene(tmp_path / "scene.png")
     name = f"app-panel-{os.getpid()}"
     dataset = fo.Dataset(name, persistent=True)
@@ -115,6 +130,12 @@ def test_click_to_segment_panel_saves_a_mask(tmp_path):
                 open_dataset(page, server.port, name)
                 page.locator("[data-cy=looker]").first.click()
                 page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
+                page.wait_for_timeout(1500)
+                page.evaluate("() => { window.__tinysamNoReload = true; }")  # a reload would drop it
+                red_box = [RED_RECT[0] / 320, RED_RECT[1] / 240, (RED_RECT[2] - RED_RECT[0]) / 320,
+                           (RED_RECT[3] - RED_RECT[1]) / 240]
+                page.screenshot(path=str(shots["modal_before"]))
+                sample_red_before = colour(shots["modal_before"], on_screen(page, red_box))
 
                 # The panel is a tab of the modal, next to "Sample".
                 page.locator("[data-cy=modal] [data-cy=panel-tab-click_to_segment]").first.click()
@@ -159,6 +180,18 @@ def test_click_to_segment_panel_saves_a_mask(tmp_path):
                 page.screenshot(path=str(shots["saved_panel"]))
                 after_save = pixel(shots["saved_panel"], picture_to_screen(page, inside_xy))
                 assert not changed(original[inside_xy], after_save), "the clicks were not cleared after saving"
+
+                # The modal's Sample tab draws the saved mask (no reload, no reopening).
+                page.locator("[data-cy=modal] [data-cy=panel-tab-fo-sample-modal-plugin]").first.click()
+                page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=30_000)
+                now = screenshot_until(page, shots["saved_sample_tab"],
+                                       {"red": (on_screen(page, red_box), sample_red_before)}, time.monotonic() + 5)
+                assert differs(now["red"], sample_red_before), \
+                    f"the Sample tab does not draw the saved mask ({sample_red_before} → {now['red']})"
+                assert page.evaluate("() => window.__tinysamNoReload === true"), "the page was reloaded"
+                page.locator("[data-cy=modal] [data-cy=panel-tab-click_to_segment]").first.click()
+                picture.wait_for(timeout=60_000)
+                page.wait_for_timeout(1500)
 
                 # Box mode: a drag around the blue rectangle selects a box, whose mask the picture shows.
                 page.locator("[data-cy=modal]").get_by_label("box", exact=True).check()

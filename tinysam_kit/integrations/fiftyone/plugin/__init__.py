@@ -3,7 +3,8 @@ resumable dataset-wide pre-annotation.
 
 FiftyOne loads this file by path under a synthetic module name, so the operators are imported with
 absolute imports (tinysam-kit must be installed in FiftyOne's environment). This folder holds only what
-FiftyOne loads: the manifest, this file, the operators and the click-to-segment panel.
+FiftyOne loads: the manifest, this file, the operators, the click-to-segment panel, and the App script
+(`js/tinysam.js`, plain browser JavaScript) that shows freshly written masks in the open sample modal.
 """
 
 

@@ -31,6 +31,7 @@ from tinysam_kit.data.images import ImageError, load_image
 from tinysam_kit.inference import policy
 from tinysam_kit.inference.predictor import PromptError
 from tinysam_kit.integrations.fiftyone import labels as L
+from tinysam_kit.integrations.fiftyone.plugin.app_refresh import show_written
 from tinysam_kit.integrations.fiftyone.predictors import get_predictor, image_key
 from tinysam_kit.integrations.fiftyone.runner import RunError, check_field_name, field_type_name
 
@@ -337,9 +338,7 @@ class ClickToSegmentPanel(foo.Panel):
             return
         ctx.panel.state.set({"points": [], "box": None, "message": f"Saved '{label}' to '{field}'."})
         ctx.ops.notify(f"Saved '{label}' to '{field}' (score {result['score']:.2f})", variant="success")
-        if new_field:
-            ctx.ops.reload_dataset()  # the sidebars learn the new field
-        ctx.ops.reload_samples()  # the grid draws the new mask
+        show_written(ctx, self.plugin_name, field, {sample.id}, new_field)
 
     def _field(self, ctx) -> str:
         return (ctx.panel.state.get("fields.field") or DEFAULT_FIELD).strip()
