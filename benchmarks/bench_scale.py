@@ -1,16 +1,24 @@
-"""Scale-out throughput: the single-process `tinysam everything` vs the Ray pipeline on one and two worker
-nodes, with per-stage times of the single-process pipeline, all measured in one run on this machine.
+"""Scale-out throughput: the single-process `tinysam everything`, the same command with one worker process per
+core (`--workers N`), and the Ray pipeline on one and two worker nodes, with per-stage times of the
+single-process pipeline, all measured in one run on this machine.
 
     python benchmarks/bench_scale.py                        # 16 images 480×640, demo model, 16 points/side
-    python benchmarks/bench_scale.py --images 16 --points-per-side 16 --json out.json
+    python benchmarks/bench_scale.py --images 32 --points-per-side 16 --json out.json
+    python benchmarks/bench_scale.py --no-ray               # one machine only (Ray needs root for its netns)
 
 Every model runs with one thread on one pinned core (`taskset`): the single process on core 0, Ray worker
 node 1 on core 0 and node 2 on core 1 (each a `--num-cpus=1` node; the head holds no CPUs, so all actors run
 on the workers). Ray runs on a loopback-only network namespace cluster (tests/ray_helpers.py; needs root).
 
+The multi-worker command is not pinned: N = the usable cores, one worker process with one thread on each.
+
 Printed, as ratios measured in this run:
   * stage times per image (read, decode, encode, prompt decode, post-process, write) and the single-process
     pipeline's throughput against its slowest stage (target ≥ 0.9×) and against the serial sum of stages;
+  * images/s of the command with one worker (pinned to one core; and unpinned with N threads) and with N
+    workers, end to end and steady (first to last per-image file written); N workers against the slowest
+    stage (target ≥ 0.9×), against one worker, and the bound N cores / (CPU seconds per image) that N
+    processes cannot beat;
   * images/s of the single-process command, Ray with one worker node and with two (target: two ≥ 1.7× one),
     end to end (process start to last file) and steady (first to last finished image, start-up excluded).
 """
@@ -57,7 +65,7 @@ def make_photos(directory: Path, n: int, height: int, width: int) -> list[Path]:
 
 
 def model_args(args) -> list[str]:
-    return ["--model", args.model, "--points-per-side", str(args.points_per_side), "--threads", "1"]
+    return ["--model", args.model, "--points-per-side", str(args.points_per_side), "--threads", "1", "--workers", "1"]
 
 
 # ------------------------------------------------------------------------------ single process (one core)
@@ -145,6 +153,25 @@ def run_command(cmd: list[str], prefix: list[str] | None = None, env=None) -> fl
     return time.perf_counter() - t0
 
 
+def measure_command(cmd: list[str], out: Path, images: int, prefix: list[str] | None = None, workers: int = 1) -> dict:
+    """A `tinysam everything` run into a fresh `out`: end-to-end images/s (process start to exit) and steady
+    images/s (first to last per-image JSON written, start-up excluded), with the machine's load average.
+
+    Steady counts the images finished after the first one minus the other workers' first images (begun before
+    that moment): with W workers busy from the same start, (n - W) / (t_last - t_first) is their rate."""
+    seconds = run_command(cmd + ["--out", str(out)], prefix=prefix)
+    written = sorted(p.stat().st_mtime_ns for p in out.glob("*.json") if p.name != "annotations.json")
+    steady = (len(written) - workers) / ((written[-1] - written[0]) / 1e9) if len(written) > workers else 0.0
+    return {"end_to_end_images_per_s": images / seconds, "steady_images_per_s": steady, "seconds": seconds,
+            "load_average": os.getloadavg()}
+
+
+def usable_cores() -> int:
+    from tinysam_kit.inference.batch import usable_cores as cores
+
+    return cores()
+
+
 # ------------------------------------------------------------------------------------------------ Ray
 def ray_driver(args) -> dict:
     """Inside the cluster's namespace: the Ray pipeline into a COCO folder, with each image's finish time."""
@@ -208,6 +235,7 @@ def main() -> int:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--points-per-side", type=int, default=16)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray part (it needs root for its netns)")
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--single-worker", action="store_true", help=argparse.SUPPRESS)
@@ -235,15 +263,34 @@ def main() -> int:
         single = json.loads(single_json)
         command_s = run_command([TINYSAM, "everything", str(src), "--out", str(Path(tmp) / "cli"), "--no-preview",
                                  *model_args(args)], prefix=pin0)
-        preview_s = run_command([TINYSAM, "everything", str(src), "--out", str(Path(tmp) / "cli_prev"),
-                                 *model_args(args)], prefix=pin0)
-        default_s = run_command([TINYSAM, "everything", str(src), "--out", str(Path(tmp) / "cli_default"),
-                                 "--model", args.model, "--points-per-side", str(args.points_per_side)])
-        results = {"cpu": cpu_name(), "images": args.images, "single": single,
+        cores = usable_cores()
+        command = [TINYSAM, "everything", str(src), "--model", args.model, "--points-per-side",
+                   str(args.points_per_side)]
+        # One worker with the default threads (all cores), then one worker per core with one thread each;
+        # interleaved and best of two (by end-to-end time), so a burst of load from elsewhere hits neither alone.
+        runs = {"one_worker_all_threads": [], "workers": []}
+        for rep in range(2):
+            runs["one_worker_all_threads"].append(measure_command(
+                command + ["--workers", "1"], Path(tmp) / f"cli_default{rep}", args.images))
+            runs["workers"].append(measure_command(
+                command + ["--workers", str(cores), "--threads", "1"], Path(tmp) / f"cli_workers{rep}", args.images,
+                workers=cores))
+        best = {k: max(v, key=lambda x: x["end_to_end_images_per_s"]) for k, v in runs.items()}
+        one_pinned = measure_command(command + ["--workers", "1", "--threads", "1"], Path(tmp) / "cli_pinned",
+                                     args.images, prefix=pin0)
+        same = all((Path(tmp) / f"cli_workers{rep}" / "annotations.json").read_bytes() ==
+                   (Path(tmp) / "cli_pinned" / "annotations.json").read_bytes() for rep in range(2))
+        results = {"cpu": cpu_name(), "cores": cores, "workers_annotations_identical": same,
+                   "images": args.images, "single": single,
                    "command_images_per_s": args.images / command_s,
-                   "command_with_previews_images_per_s": args.images / preview_s,
-                   "command_default_threads_images_per_s": args.images / default_s}
-        reason = ray_missing_reason()
+                   "command_with_previews_images_per_s": one_pinned["end_to_end_images_per_s"],
+                   "command_default_threads_images_per_s": best["one_worker_all_threads"]["end_to_end_images_per_s"],
+                   "one_worker_pinned": one_pinned, "one_worker_all_threads": best["one_worker_all_threads"],
+                   "workers": best["workers"], "workers_runs": runs,
+                   "workers_no_preview": measure_command(command + ["--workers", str(cores), "--threads", "1",
+                                                                    "--no-preview"], Path(tmp) / "cli_workers_np",
+                                                         args.images, workers=cores)}
+        reason = "--no-ray" if args.no_ray else ray_missing_reason()
         if reason:
             print(f"Ray part skipped: {reason}")
         else:
@@ -271,6 +318,15 @@ def report(r: dict) -> None:
     print(f"  single-process command (previews)    {r['command_with_previews_images_per_s']:10.3f}")
     print(f"  single-process command (previews, default threads, both cores) "
           f"{r['command_default_threads_images_per_s']:10.3f}")
+    if "workers" in r:
+        n = r["cores"]
+        rows = (("1 worker × 1 thread, pinned (previews)", r["one_worker_pinned"]),
+                (f"1 worker × {n} threads, unpinned (previews)", r["one_worker_all_threads"]),
+                (f"{n} workers × 1 thread, unpinned (previews)", r["workers"]),
+                (f"{n} workers × 1 thread, unpinned, no previews", r["workers_no_preview"]))
+        for name, x in rows:
+            print(f"  {name:<44} {x['end_to_end_images_per_s']:10.3f} {x['steady_images_per_s']:14.3f}"
+                  f"   (load {x['load_average'][0]:.1f})")
     for name in ("ray_1_node", "ray_2_nodes"):
         if name in r:
             x = r[name]
@@ -283,8 +339,32 @@ def report(r: dict) -> None:
               f"end to end {two['end_to_end_images_per_s'] / one['end_to_end_images_per_s']:.2f}× (target ≥ 1.7×)")
         print(f"Ray one node / single-process command (previews), end to end: "
               f"{one['end_to_end_images_per_s'] / r['command_with_previews_images_per_s']:.2f}×")
+    if "workers" in r:
+        report_workers(r, stages, slowest)
     seconds_per_1000 = 1000 / r["command_images_per_s"]
     print(f"\ncost: {seconds_per_1000 / 3600:.2f} core-hours per 1000 images (single-process command, one core)")
+
+
+
+def report_workers(r: dict, stages: dict, slowest: str) -> None:
+    """The multi-worker command against the slowest stage (target ≥ 0.9×), one worker, and what N cores allow."""
+    n = r["cores"]
+    print()
+    for label in ("steady", "end_to_end"):
+        rate = r["workers"][f"{label}_images_per_s"]
+        print(f"{n} workers, {label.replace('_', ' ')}: {rate * stages[slowest]:.3f}× the slowest stage "
+              f"({slowest}; target ≥ 0.9×: {'met' if rate * stages[slowest] >= 0.9 else 'missed'}), "
+              f"{rate / r['one_worker_pinned'][f'{label}_images_per_s']:.2f}× 1 worker pinned, "
+              f"{rate / r['one_worker_all_threads'][f'{label}_images_per_s']:.2f}× 1 worker × {n} threads")
+    rate = r["workers_no_preview"]["steady_images_per_s"]
+    print(f"{n} workers without previews, steady: {rate * stages[slowest]:.3f}× the slowest stage (its stage table "
+          f"counts the preview in write)")
+    print(f"annotations.json of {n} workers byte-identical to 1 worker's: {r['workers_annotations_identical']}")
+    total = sum(stages.values())
+    bound = n / total
+    print(f"bound for {n} cores: {n} / (CPU seconds per image, the sum of stages {total:.3f} s) = {bound:.2f} "
+          f"images/s = {bound * stages[slowest]:.2f}× the slowest stage; 0.9× needs ≥ "
+          f"{0.9 * total / stages[slowest]:.1f} cores")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from tinysam_kit.cli.common import CliError, add_model_arguments, list_images, make_predictor, resolve_model_choice
+from tinysam_kit.cli.common import (
+    CliError,
+    add_model_arguments,
+    add_ray_arguments,
+    check_ray_arguments,
+    images_root,
+    list_images,
+    make_predictor,
+    resolve_model_choice,
+)
+
+
+def workers_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be a positive integer or 'auto', got {text!r}")
+    return value
 
 
 def register(sub) -> None:
     p = sub.add_parser("everything", help="segment everything in an image or a folder (COCO JSON + previews)")
-    p.add_argument("source", metavar="IMAGE_OR_DIR")
+    p.add_argument("source", metavar="IMAGE_OR_DIR",
+                   help="an image, a folder (searched recursively) or a list file (.txt: one path per line)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dense", action="store_true", help="SAM's dense grid instead of TinySAM's hierarchical mode")
     p.add_argument("--points-per-side", type=int)
@@ -28,13 +51,11 @@ def register(sub) -> None:
                    help="COCO polygon segmentations (one per connected part, holes filled) instead of RLE")
     p.add_argument("--polygon-tolerance", type=float, default=None, metavar="PX",
                    help="with --polygons: simplification tolerance in pixels (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="images per encoder call (GPUs: 8–32; on CPU 1 is as fast)")
-    p.add_argument("--ray", metavar="ADDRESS",
-                   help="run on a Ray cluster: 'auto' (the cluster Ray finds) or HOST:PORT; needs the ray extra")
-    p.add_argument("--ray-actors", type=int, metavar="N",
-                   help="with --ray: grow the model-actor pool up to N as an autoscaling cluster adds nodes "
-                        "(default: as many as the cluster holds now: one per GPU, else one per --threads CPUs)")
+    p.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto",
+                   help="model processes on this machine sharing the images, each with --threads threads "
+                        "(default: cores / N); 'auto' (default): one per core on CPU but not more than one per "
+                        "8 images (start-up) or per GiB of free memory, 1 on a GPU")
+    add_ray_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=cmd_everything)
 
@@ -54,7 +75,10 @@ def polygon_tolerance(args) -> float | None:
 
 
 def cmd_everything(args) -> int:
-    polygon_tolerance(args)  # a bad flag fails before any model is loaded
+    polygon_tolerance(args)  # bad flags fail before any model is loaded
+    check_ray_arguments(args)
+    if args.ray and args.workers != "auto":
+        raise CliError("--workers sets processes on this machine; on a Ray cluster --ray-actors sizes the pool")
     from tqdm import tqdm
 
     from tinysam_kit.inference.batch import CocoFolderSink, coco_key, run_everything
@@ -62,7 +86,7 @@ def cmd_everything(args) -> int:
 
     source = Path(args.source)
     images = list_images(source)
-    root = source if source.is_dir() else source.parent
+    root = images_root(source, images)
     keys = [coco_key(p, root) for p in images]
     out_dir = Path(args.out)
     mode = "dense" if args.dense else "hierarchical"
@@ -82,7 +106,10 @@ def cmd_everything(args) -> int:
     if len(todo) < len(images):
         print(f"{len(images) - len(todo)} image(s) already done in {out_dir}; skipping them (--overwrite to redo)",
               file=sys.stderr)
-    if todo:
+    workers = _workers(args, len(todo))
+    if workers > 1:
+        sink, failures = _everything_in_workers(args, workers, todo, keys, root, out_dir, mode, explicit)
+    elif todo:
         predictor = make_predictor(args)
         params = everything_params(predictor.model_name, explicit, prelabel=True)
         # Writes stay in this thread: a background writer competes with PyTorch's threads for the same cores
@@ -100,6 +127,63 @@ def cmd_everything(args) -> int:
             sink.write(key_of[res.item], res)
     merged = (sink or CocoFolderSink(out_dir, root, order=keys)).close()
     return _report(merged, out_dir, failures)
+
+
+def _workers(args, images: int) -> int:
+    """`--workers`: the number given, or `auto_workers`' choice for this device and folder."""
+    if args.workers != "auto":
+        return min(args.workers, max(1, images))
+    from tinysam_kit.inference.batch import auto_workers
+    from tinysam_kit.models.device import EngineUnavailableError, resolve_device
+
+    try:
+        device = resolve_device(args.device).type
+    except EngineUnavailableError:
+        return 1  # the in-process path reports it
+    return auto_workers(images, device=device, threads=args.threads)
+
+
+def _everything_in_workers(args, workers: int, todo: list, keys: list, root: Path, out_dir: Path, mode: str,
+                           explicit: dict):
+    """The single-process run's files, written by `workers` model processes (one thread each unless --threads)."""
+    from tqdm import tqdm
+
+    from tinysam_kit.inference.batch import CocoFolderSink, WorkerError, run_everything_workers, usable_cores
+    from tinysam_kit.inference.policy import EngineOptions, PolicyError, everything_params
+    from tinysam_kit.models.registry import MODELS
+
+    model = resolve_model_choice(args.model)
+    threads = args.threads or max(1, usable_cores() // workers)
+    try:
+        options = EngineOptions(model, args.engine, args.precision, args.device, threads)
+    except PolicyError as exc:
+        raise CliError(str(exc)) from exc
+    # The engine names a checkpoint file by its stem; registered names as they are (as the 1-worker run does).
+    params = everything_params(model if model in MODELS else Path(model).expanduser().stem, explicit, prelabel=True)
+    sink = CocoFolderSink(out_dir, root, info={"mode": mode, "params": params}, previews=not args.no_preview,
+                          order=keys, polygon_tolerance=polygon_tolerance(args))
+    failures, masks = [], 0
+    outcomes = run_everything_workers(options, todo, sink, workers=workers, mode=mode, output_mode="coco_rle",
+                                      batch_size=args.batch_size, **params)
+    bar = tqdm(total=len(todo), unit="img", desc=f"everything ({mode}, {workers} workers × {threads} thread(s))")
+    try:
+        for outcome in outcomes:
+            bar.update()
+            if outcome.error is not None:
+                failures.append((outcome.index, outcome.item, outcome.error))
+                tqdm.write(f"skipped {outcome.item}: {outcome.error}", file=sys.stderr)
+            else:
+                masks += outcome.masks
+            bar.set_postfix(masks=masks, failed=len(failures), refresh=False)
+    except WorkerError as exc:
+        print(f"a worker process failed; {bar.n} image(s) were finished and are kept (a re-run resumes)",
+              file=sys.stderr)
+        if exc.__cause__ is not None:
+            raise exc.__cause__ from None  # the error one process would have raised (a bad model, a full disk)
+        raise CliError(str(exc).strip().splitlines()[-1]) from exc
+    finally:
+        bar.close()
+    return sink, [(item, error) for _, item, error in sorted(failures, key=lambda f: f[0])]
 
 
 def _report(merged: dict, out_dir: Path, failures: list) -> int:

@@ -312,3 +312,234 @@ class CocoFolderSink:
         merged = merge_coco([self.json_path(k) for k in keys])
         write_atomic(self.out_dir / MERGED_NAME, json.dumps(merged).encode())
         return merged
+
+
+# ------------------------------------------------------------------------------- several processes, one machine
+@dataclass
+class ImageOutcome:
+    """What became of one image of a multi-process run: written by a worker's sink (`error` None), failed
+    (unreadable image, model error) or lost (its worker process died before writing it)."""
+
+    index: int  # position in the caller's job list
+    key: str
+    item: Any
+    error: str | None
+    masks: int = 0
+    lost: bool = False
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed as a whole (model could not load, a sink write raised): the run stops."""
+
+
+MIN_IMAGES_PER_WORKER = 8  # `auto_workers`: below this many images per extra process, start-up costs more
+WORKER_MEMORY_BYTES = 1 << 30  # `auto_workers`: one worker per GiB available (official TinySAM peaks at ~0.8 GiB)
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def auto_workers(images: int, *, device: str = "cpu", threads: int | None = None, cores: int | None = None,
+                 memory: int | None = None) -> int:
+    """`--workers auto`: one process per `threads` usable cores (default one thread each) on CPU, no more than
+    one per MIN_IMAGES_PER_WORKER images and one per WORKER_MEMORY_BYTES of available memory; one process on a
+    GPU (it batches) or for small folders."""
+    if device != "cpu":
+        return 1
+    cores = usable_cores() if cores is None else cores
+    memory = available_memory() if memory is None else memory
+    by_memory = memory // WORKER_MEMORY_BYTES if memory else cores
+    return max(1, min(cores // max(1, int(threads or 1)), images // MIN_IMAGES_PER_WORKER, by_memory))
+
+
+def _signal_name(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _worker_main(conn, options, sink: Sink, mode: str, load, prefetch: int, batch_size: int, params: dict) -> None:
+    """One worker process: load the model once, then run everything mode on the tasks (index, key, item) the
+    parent sends (None: no more), writing each image through `sink` and telling the parent what became of it."""
+    import traceback
+
+    try:
+        predictor = TinySamPredictor.from_options(options)
+        taken: deque = deque()  # (index, key) in the order run_everything returns results
+
+        def tasks() -> Iterator[Any]:
+            while True:
+                task = conn.recv()
+                if task is None:
+                    return
+                index, key, item = task
+                taken.append((index, key))
+                yield item
+
+        for res in run_everything(predictor, tasks(), mode=mode, load=load, prefetch=prefetch,
+                                  batch_size=batch_size, **params):
+            index, key = taken.popleft()
+            if res.error is not None:
+                conn.send(("failed", index, res.error))
+                continue
+            sink.write(key, res)
+            conn.send(("done", index, len(res.records)))
+        conn.send(("exit",))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the parent is gone or stopping us
+        return
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the run
+        import pickle
+
+        try:
+            pickle.loads(pickle.dumps(exc))  # the parent re-raises it when it travels
+        except Exception:  # noqa: BLE001 - any exception type may fail to pickle; the text still goes
+            exc = None
+        try:
+            conn.send(("fatal", traceback.format_exc(), exc))
+        except (OSError, ValueError):
+            pass
+        raise SystemExit(1) from None
+
+
+def run_everything_workers(options, jobs: Sequence[tuple[str, Any]], sink: Sink, *, workers: int,
+                           mode: str = "hierarchical", load: Callable[[Any], np.ndarray] = load_image,
+                           prefetch: int = 2, batch_size: int = 1, **params) -> Iterator[ImageOutcome]:
+    """Everything mode over `jobs` ((key, item) pairs) in `workers` processes (spawned), each loading the model
+    of `options` (an `EngineOptions`; its `threads` per process) once and writing its images through its own
+    copy of `sink` (which must pickle, and whose writes are atomic and per key, like `CocoFolderSink`'s).
+
+    Yields one `ImageOutcome` per job as images finish (not in job order). The parent only hands out work:
+    each worker holds a few images at a time (enough to keep its decode prefetch busy), so the load balances.
+    A worker that dies (killed, out of memory) loses only the images it held: they come back with `lost` set
+    and an error saying so (the sink never saw half of them: a re-run with resume does them), and the other
+    workers take the rest. A worker that fails as a whole (model load, a sink write raising) stops the run
+    with `WorkerError`, caused by the worker's exception (`__cause__`) when it pickles. The caller
+    merges/closes the sink. With `workers=1` prefer `run_everything` in-process
+    (no start-up cost).
+    """
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    todo = deque(enumerate(jobs))
+    if not todo:
+        return
+    ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
+    hold = max(prefetch, batch_size) + batch_size  # what run_everything reads ahead before its first result
+    procs, conns, held = [], [], []
+    try:
+        for w in range(max(1, min(int(workers), len(todo)))):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, name=f"tinysam-worker-{w}", daemon=True,
+                               args=(child, options, sink, mode, load, prefetch, batch_size, params))
+            proc.start()
+            child.close()
+            procs.append(proc)
+            conns.append(parent)
+            held.append({})
+
+        def top_up(w: int) -> None:
+            try:
+                while len(held[w]) < hold and todo:
+                    index, (key, item) = todo[0]
+                    conns[w].send((index, key, item))
+                    held[w][index] = todo.popleft()[1]
+                if not todo:
+                    conns[w].send(None)
+            except OSError:  # it died: its sentinel says so next
+                pass
+
+        live = set(range(len(procs)))
+        stopped = set()  # workers told there is no more work
+        for w in live:
+            top_up(w)
+            if not todo:
+                stopped.add(w)
+
+        def handle(w: int, msg: tuple) -> Iterator[ImageOutcome]:
+            kind = msg[0]
+            if kind == "fatal":
+                raise WorkerError(f"worker process {w} (pid {procs[w].pid}) failed:\n{msg[1]}") from msg[2]
+            if kind in ("done", "failed"):
+                index = msg[1]
+                key, item = held[w].pop(index)
+                if kind == "done":
+                    yield ImageOutcome(index, key, item, None, msg[2])
+                else:
+                    yield ImageOutcome(index, key, item, msg[2])
+                if w not in stopped:
+                    top_up(w)
+                    if not todo:
+                        stopped.add(w)
+
+        while live:
+            by_conn = {conns[w]: w for w in live}
+            by_sentinel = {procs[w].sentinel: w for w in live}
+            ready = wait(list(by_conn) + list(by_sentinel))
+            dead = set()
+            for obj in ready:
+                if obj in by_conn:
+                    w = by_conn[obj]
+                    try:
+                        msg = obj.recv()
+                    except (EOFError, OSError):
+                        dead.add(w)
+                        continue
+                    if msg[0] == "exit":
+                        dead.add(w)
+                    yield from handle(w, msg)
+                else:
+                    dead.add(by_sentinel[obj])
+            for w in dead:
+                while True:  # what it said before it went
+                    try:
+                        if not conns[w].poll():
+                            break
+                        msg = conns[w].recv()
+                    except (EOFError, OSError):
+                        break
+                    yield from handle(w, msg)
+                procs[w].join(timeout=30)
+                live.discard(w)
+                if held[w]:
+                    done = sink.done_keys()  # written, but the worker died before saying so
+                    why = (f"lost: worker process {w} (pid {procs[w].pid}) died "
+                           f"({_signal_name(procs[w].exitcode)}) before finishing it; run again to complete it")
+                    for index, (key, item) in sorted(held[w].items()):
+                        yield (ImageOutcome(index, key, item, None) if key in done
+                               else ImageOutcome(index, key, item, why, lost=True))
+                    held[w].clear()
+                if todo and live:  # its share goes to the others
+                    for other in live - stopped:
+                        top_up(other)
+                        if not todo:
+                            stopped.add(other)
+        while todo:  # every worker died
+            index, (key, item) = todo.popleft()
+            yield ImageOutcome(index, key, item, "lost: not started, every worker process died; run again to "
+                                                 "complete it", lost=True)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=30)
+        for conn in conns:
+            conn.close()
