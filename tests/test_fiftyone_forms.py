@@ -267,3 +267,31 @@ def test_everything_form_offers_a_ray_cluster_and_prompt_runs_refuse_one(fo, dat
         validate_spec(dataset, RunSpec("prompts", "masks", box_field="gt", ray_address="auto"))
     with pytest.raises(RunError, match="the Ray address is empty"):
         validate_spec(dataset, RunSpec("everything", "masks", ray_address=" "))
+
+
+def test_written_masks_are_pushed_to_the_open_sample_modal(fo, dataset):
+    """What the App is asked to do after a write: redraw the grid, and bring the open modal up to date (the
+    plugin's App script) when it shows a written sample; without a modal, a new field reloads the dataset."""
+    import json
+
+    from fiftyone.operators.executor import ExecutionContext, Executor
+
+    from tinysam_kit.integrations.fiftyone.plugin.app_refresh import show_written
+
+    sample = dataset.first()
+    sample["written"] = fo.Detections(detections=[fo.Detection(label="a", bounding_box=[0.1, 0.1, 0.2, 0.2],
+                                                               mask=np.ones((4, 4), bool))])
+    sample.save()
+
+    def requests(current_sample, new_field):
+        ctx = ExecutionContext(request(dataset, {}, current_sample=current_sample), executor=Executor())
+        show_written(ctx, PLUGIN_URI, "written", {sample.id}, new_field)
+        return [(r.operator_uri, r.params) for r in ctx.executor._requests]
+
+    (grid, _), (modal, params) = requests(sample.id, new_field=True)
+    assert (grid, modal) == ("reload_samples", f"{PLUGIN_URI}/refresh_open_sample")
+    assert params["field"] == "written" and params["sample"]["_id"] == sample.id
+    assert params["sample"]["written"]["detections"][0]["label"] == "a"
+    json.dumps(params)  # travels to the browser as JSON
+    assert [name for name, _ in requests(None, new_field=True)] == ["reload_samples", "reload_dataset"]
+    assert [name for name, _ in requests(dataset.last().id, new_field=False)] == ["reload_samples"]
