@@ -154,3 +154,22 @@ def test_windowed_full_resolution_gives_the_batched_resize_records(mode, monkeyp
     for a, b in zip(ours, batched):
         assert a["segmentation"] == b["segmentation"] and a["bbox"] == b["bbox"]
         assert a["predicted_iou"] == b["predicted_iou"] and a["stability_score"] == b["stability_score"]
+
+
+def test_preview_overlay_blends_each_mask_largest_first():
+    """The preview tints each mask's pixels with its own colour, largest mask first (smaller ones stay visible
+    on top), leaving other pixels untouched."""
+    from tinysam_kit.inference.batch import overlay
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    big, small = np.zeros((40, 50), bool), np.zeros((40, 50), bool)
+    big[5:35, 5:45] = True
+    small[10:15, 10:15] = True
+    out = overlay(image, [small, big])
+    colours = np.random.default_rng(0).integers(40, 256, size=(2, 3)).astype(np.float32)  # big's, then small's
+    want = image.astype(np.float32)
+    want[big] = want[big] * 0.5 + colours[0] * 0.5
+    want[small] = want[small] * 0.5 + colours[1] * 0.5
+    assert np.array_equal(out, want.clip(0, 255).astype(np.uint8))
+    assert np.array_equal(out[~big], image[~big])

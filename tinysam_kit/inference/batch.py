@@ -206,12 +206,17 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def overlay(image, masks, alpha: float = 0.5):
     """Image with each mask tinted in its own colour (largest first, so small ones stay visible)."""
-    out = image.astype(np.float32).copy()
+    out = image.astype(np.float32)
+    pixels = out.reshape(-1, out.shape[-1])
     rng = np.random.default_rng(0)
-    for mask in sorted(masks, key=lambda m: -int(m.sum())):
+    # Each mask's pixel indices once: blending touches only those pixels, not the whole image per mask.
+    for index in sorted((np.flatnonzero(mask) for mask in masks), key=lambda idx: -len(idx)):
         color = rng.integers(40, 256, size=3).astype(np.float32)
-        out[mask] = out[mask] * (1 - alpha) + color * alpha
+        pixels[index] = pixels[index] * (1 - alpha) + color * alpha
     return out.clip(0, 255).astype(np.uint8)
+
+
+PREVIEW_PNG_LEVEL = 1  # zlib level of preview PNGs: PIL's default (6) took 3x longer for files within 3 % of the size
 
 
 CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
@@ -300,7 +305,8 @@ class CocoFolderSink:
         if self.previews:
             masks = [coco_rle_to_mask(r["segmentation"]) for r in result.records]
             buffer = io.BytesIO()
-            Image.fromarray(overlay(load_image(source), masks)).save(buffer, format="PNG")
+            Image.fromarray(overlay(load_image(source), masks)).save(buffer, format="PNG",
+                                                                     compress_level=PREVIEW_PNG_LEVEL)
             write_atomic(target.with_name(target.stem + "_overlay.png"), buffer.getvalue())
         # The JSON is written last: its presence marks the image as done for resumed runs.
         write_atomic(target, json.dumps(doc).encode())
