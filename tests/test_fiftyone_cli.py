@@ -119,7 +119,7 @@ def test_prelabel_offline_auto_unreadable_file(env, tmp_path):
 @pytest.mark.slow
 def test_prelabel_bad_input(env, tmp_path):
     missing = tinysam(env, "prelabel", str(tmp_path / "nope"), "--dataset", "x")
-    assert missing.returncode == 2 and "is not a folder" in missing.stderr
+    assert missing.returncode == 2 and "nope: no such file or directory" in missing.stderr
     (tmp_path / "empty").mkdir()
     empty = tinysam(env, "prelabel", str(tmp_path / "empty"), "--dataset", "x")
     assert empty.returncode == 2 and "no images" in empty.stderr
