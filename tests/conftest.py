@@ -75,3 +75,12 @@ def fo():
     import fiftyone
 
     return fiftyone
+
+
+@pytest.fixture(autouse=True)
+def fresh_model_notes():
+    """The demo-model fallback note is said once per process; each test sees its own first time."""
+    from tinysam_kit.inference import policy
+
+    policy._NOTES_SAID.clear()
+    yield

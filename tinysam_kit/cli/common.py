@@ -64,15 +64,14 @@ def apply_offline(args) -> None:
 
 def resolve_model_choice(model: str, log=print) -> str:
     """The model to load for `--model` (see `policy.resolve_model`); a fallback to the demo model is said once."""
-    from tinysam_kit.inference.policy import resolve_model
+    from tinysam_kit.inference.policy import announce, resolve_model
     from tinysam_kit.models.registry import ModelNotAvailableError
 
     try:
         choice = resolve_model(model)
     except ModelNotAvailableError as exc:
         raise CliError(str(exc)) from exc
-    if choice.note:
-        log(f"note: {choice.note}", file=sys.stderr)
+    announce(choice, lambda note: log(f"note: {note}", file=sys.stderr))
     return choice.name
 
 

@@ -11,7 +11,7 @@ from tinysam_kit.cli.common import (
     apply_offline,
     check_ray_arguments,
 )
-from tinysam_kit.inference.policy import ENGINES, MAX_AREA_FRACTION, PRECISIONS
+from tinysam_kit.inference.policy import ENGINES, MAX_AREA_FRACTION, PRECISIONS, announce
 from tinysam_kit.integrations.labelstudio.settings import BackendSettings
 
 
@@ -127,12 +127,12 @@ def ls_prelabel(args) -> int:
             raise CliError("--embeddings-only fills this machine's embedding store; it does not run on --ray")
         settings = _settings(args, label_studio_url=args.url, label_studio_api_key=args.api_key)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+        # said here first, so the command's own "note:" line is the one the user sees (once)
+        announce(settings.engine_options().resolved()[1], lambda note: print(f"note: {note}", file=sys.stderr))
         backend = TinySamBackend(settings)
     except (CliError, SettingsError, LabelStudioAPIError, ValueError, RuntimeError, OSError) as exc:
         print(f"tinysam ls-prelabel: {exc}", file=sys.stderr)
         return 2
-    if backend.model_choice.note:
-        print(f"note: {backend.model_choice.note}", file=sys.stderr)
     print(f"model_version {backend.model_version}", file=sys.stderr)
     try:
         if args.embeddings_only:

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, fields, replace
 
 from tinysam_kit.inference.embedding_store import DEFAULT_MAX_BYTES, EmbeddingStore
@@ -119,6 +120,22 @@ def resolve_model(model: str | os.PathLike | None = AUTO, *, offline: bool | Non
     if model != AUTO:
         return ModelChoice(model, model)
     return _resolve_auto(preferred_model(), is_offline() if offline is None else offline)
+
+
+_NOTES_SAID: set[str] = set()
+_NOTES_LOCK = threading.Lock()
+
+
+def announce(choice: ModelChoice, say) -> None:
+    """Say why `auto` fell back to the demo model, once per process, through whoever asks first (a command's
+    stderr, a server's log): `say(note)`."""
+    if not choice.note:
+        return
+    with _NOTES_LOCK:
+        if choice.note in _NOTES_SAID:
+            return
+        _NOTES_SAID.add(choice.note)
+    say(choice.note)
 
 
 @dataclass(frozen=True)

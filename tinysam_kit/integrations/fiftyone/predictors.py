@@ -33,8 +33,7 @@ def get_predictor(options: EngineOptions | None = None) -> TinySamPredictor:
         if predictor is not None:
             _predictors.move_to_end(key)
             return predictor
-    if choice.note:
-        logger.warning(choice.note)
+    policy.announce(choice, logger.warning)
     # Loading takes seconds; do it outside the lock (a concurrent duplicate load is harmless).
     predictor = TinySamPredictor.from_options(options, store=policy.embedding_store())
     with _lock:

@@ -332,8 +332,7 @@ class TinySamBackend:
                                                       store=policy.embedding_store())
         self.predictor = predictor
         self.model_choice = predictor.model_choice
-        if self.model_choice.note:
-            log.warning("model %s: %s", self.model_choice.requested, self.model_choice.note)
+        policy.announce(self.model_choice, lambda note: log.warning("model %s: %s", self.model_choice.requested, note))
         self.fetcher = fetcher or ImageFetcher(
             settings.label_studio_url, settings.label_studio_api_key, allowed_hosts=settings.allowed_hosts,
             local_files_root=settings.local_files_root, max_bytes=settings.max_image_bytes,
