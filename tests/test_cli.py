@@ -144,7 +144,10 @@ def test_models_list(capsys):
 
 
 def test_official_weights_unavailable_is_a_clear_message(tmp_path, monkeypatch, capsys):
+    from tinysam_kit.inference import policy
     from tinysam_kit.models import registry
+
+    policy._resolve_auto.cache_clear()  # `auto` is decided once per process: decide it again for this registry
 
     monkeypatch.setenv("TINYSAM_HOME", str(tmp_path))
     spec = registry.MODELS["tinysam"]
@@ -158,3 +161,4 @@ def test_official_weights_unavailable_is_a_clear_message(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "tinysam_42.3.pth" in err and str(tmp_path / "tinysam_42.3.pth") in err
     assert "Traceback" not in err
+    policy._resolve_auto.cache_clear()  # nor may this registry's answer outlive the test

@@ -142,3 +142,43 @@ def test_install_plugin_links_into_the_plugins_dir(env, tmp_path):
                             env={**env, "FIFTYONE_PLUGINS_DIR": str(tmp_path)}, capture_output=True, text=True,
                             cwd=REPO, timeout=300)
     assert "@tinysam-kit/tinysam" in listed.stdout, listed.stderr
+
+
+@pytest.mark.slow
+def test_prelabel_in_worker_processes_writes_what_one_process_writes(env, tmp_path):
+    """`--workers 2`: two model processes compute, this process alone writes the database; the labels equal a
+    one-process run's, an unreadable file is tagged, and a re-run resumes."""
+    import fiftyone as fo
+    import numpy as np
+
+    make_images(tmp_path / "imgs", 5, seed=21)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG but not really")
+    common = ["prelabel", str(tmp_path / "imgs"), "--model", "demo", "--threads", "1", "--points-per-side", "8"]
+    names = [f"workers-{n}-{os.getpid()}" for n in (1, 2)]
+    try:
+        one = tinysam(env, *common, "--dataset", names[0], "--workers", "1")
+        two = tinysam(env, *common, "--dataset", names[1], "--workers", "2")
+        assert one.returncode == two.returncode == 1, two.stderr  # the broken file
+        assert "(2 worker processes)" in two.stderr and "5 sample(s) segmented" in two.stdout
+        a, b = fo.load_dataset(names[0]), fo.load_dataset(names[1])
+        want = dict(zip(a.values("filepath"), a.values("tinysam")))
+        got = dict(zip(b.values("filepath"), b.values("tinysam")))
+        assert sorted(want) == sorted(got)
+        compared = 0
+        for path, dets in want.items():
+            if dets is None:
+                assert got[path] is None and path.endswith("broken.png")
+                continue
+            assert len(dets.detections) == len(got[path].detections)
+            for d, e in zip(dets.detections, got[path].detections):
+                assert d.confidence == e.confidence and np.array_equal(d.mask, e.mask)
+                assert np.allclose(d.bounding_box, e.bounding_box)
+                compared += 1
+        assert compared >= 5
+        assert len(b.match_tags("tinysam_failed")) == 1 and len(b.exists("metadata")) == 5
+        again = tinysam(env, *common, "--dataset", names[1], "--workers", "2")
+        assert "0 sample(s) segmented" in again.stdout and "5 already done" in again.stdout
+    finally:
+        for name in names:
+            if fo.dataset_exists(name):
+                fo.delete_dataset(name)

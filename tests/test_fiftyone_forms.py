@@ -263,7 +263,7 @@ def test_everything_form_offers_a_ray_cluster_and_prompt_runs_refuse_one(fo, dat
     assert props["ray_address"]["view"]["label"] == "Ray cluster (optional)" and "batch_size" not in props
     on_ray = form("segment_everything", dataset, {"ray_address": "auto"})
     assert on_ray["batch_size"]["default"] == 1 and "ray_missing" not in on_ray  # ray is installed here
-    with pytest.raises(RunError, match="a Ray address applies to everything mode only"):
+    with pytest.raises(RunError, match="a Ray address or worker processes apply to everything mode only"):
         validate_spec(dataset, RunSpec("prompts", "masks", box_field="gt", ray_address="auto"))
     with pytest.raises(RunError, match="the Ray address is empty"):
         validate_spec(dataset, RunSpec("everything", "masks", ray_address=" "))

@@ -37,6 +37,39 @@ def add_ray_arguments(parser: argparse.ArgumentParser, what: str = "everything m
                         help="images per encoder call (GPUs: 8–32; on CPU 1 is as fast)")
 
 
+def _workers_value(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def add_workers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=_workers_value, default="auto", metavar="N|auto",
+                        help="model processes on this machine sharing the images, each with --threads threads "
+                             "(default: cores / N); 'auto' (default): one per core on CPU but not more than one "
+                             "per 8 images (start-up) or per GiB of free memory, 1 on a GPU")
+
+
+def choose_workers(args, images: int) -> int:
+    """`--workers`: the number given, or `auto_workers`' choice for this device and folder."""
+    if args.workers != "auto":
+        return min(args.workers, max(1, images))
+    from tinysam_kit.inference.batch import auto_workers
+    from tinysam_kit.models.device import EngineUnavailableError, resolve_device
+
+    try:
+        device = resolve_device(args.device).type
+    except EngineUnavailableError:
+        return 1  # the in-process path reports it
+    return auto_workers(images, device=device, threads=args.threads)
+
+
 def check_ray_arguments(args, batches_need_ray: bool = False) -> None:
     """Refuse inconsistent Ray options before anything loads; `batches_need_ray`: the command encodes one image
     per call in its own process, so --batch-size applies to --ray runs only."""

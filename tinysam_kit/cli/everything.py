@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -10,24 +9,14 @@ from tinysam_kit.cli.common import (
     CliError,
     add_model_arguments,
     add_ray_arguments,
+    add_workers_argument,
     check_ray_arguments,
+    choose_workers,
     images_root,
     list_images,
     make_predictor,
     resolve_model_choice,
 )
-
-
-def workers_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--workers must be a positive integer or 'auto', got {text!r}")
-    return value
 
 
 def register(sub) -> None:
@@ -51,10 +40,7 @@ def register(sub) -> None:
                    help="COCO polygon segmentations (one per connected part, holes filled) instead of RLE")
     p.add_argument("--polygon-tolerance", type=float, default=None, metavar="PX",
                    help="with --polygons: simplification tolerance in pixels (default 0.5)")
-    p.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto",
-                   help="model processes on this machine sharing the images, each with --threads threads "
-                        "(default: cores / N); 'auto' (default): one per core on CPU but not more than one per "
-                        "8 images (start-up) or per GiB of free memory, 1 on a GPU")
+    add_workers_argument(p)
     add_ray_arguments(p)
     add_model_arguments(p)
     p.set_defaults(func=cmd_everything)
@@ -106,7 +92,7 @@ def cmd_everything(args) -> int:
     if len(todo) < len(images):
         print(f"{len(images) - len(todo)} image(s) already done in {out_dir}; skipping them (--overwrite to redo)",
               file=sys.stderr)
-    workers = _workers(args, len(todo))
+    workers = choose_workers(args, len(todo))
     if workers > 1:
         sink, failures = _everything_in_workers(args, workers, todo, keys, root, out_dir, mode, explicit)
     elif todo:
@@ -127,20 +113,6 @@ def cmd_everything(args) -> int:
             sink.write(key_of[res.item], res)
     merged = (sink or CocoFolderSink(out_dir, root, order=keys)).close()
     return _report(merged, out_dir, failures)
-
-
-def _workers(args, images: int) -> int:
-    """`--workers`: the number given, or `auto_workers`' choice for this device and folder."""
-    if args.workers != "auto":
-        return min(args.workers, max(1, images))
-    from tinysam_kit.inference.batch import auto_workers
-    from tinysam_kit.models.device import EngineUnavailableError, resolve_device
-
-    try:
-        device = resolve_device(args.device).type
-    except EngineUnavailableError:
-        return 1  # the in-process path reports it
-    return auto_workers(images, device=device, threads=args.threads)
 
 
 def _everything_in_workers(args, workers: int, todo: list, keys: list, root: Path, out_dir: Path, mode: str,

@@ -16,8 +16,10 @@ from tinysam_kit.cli.common import (
     CliError,
     add_model_arguments,
     add_ray_arguments,
+    add_workers_argument,
     apply_offline,
     check_ray_arguments,
+    choose_workers,
     list_images,
     resolve_model_choice,
 )
@@ -60,6 +62,7 @@ def register(subparsers) -> None:
     pre.add_argument("--masks-dir", default=None, help="store masks as PNG files under this folder")
     pre.add_argument("--overwrite", action="store_true", help="recompute samples already done / replace the field")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_workers_argument(pre)
     add_ray_arguments(pre)
     add_model_arguments(pre)
     pre.set_defaults(func=prelabel)
@@ -102,6 +105,12 @@ def install_plugin(args) -> int:
     return 0
 
 
+def _samples_to_do(dataset, args) -> int:
+    if args.overwrite or args.field not in dataset.get_field_schema():
+        return len(dataset)
+    return len(dataset.exists(args.field, False))
+
+
 def prelabel(args) -> int:
     try:
         images = list_images(Path(args.image_dir).expanduser())
@@ -118,6 +127,8 @@ def prelabel(args) -> int:
     apply_offline(args)
     try:
         check_ray_arguments(args, batches_need_ray=True)
+        if args.ray and args.workers != "auto":
+            raise CliError("--workers sets processes on this machine; on a Ray cluster --ray-actors sizes the pool")
         resolve_model_choice(args.model)  # says here, once, when `auto` falls back to the demo model
         options = EngineOptions.from_mapping(vars(args))
     except (CliError, PolicyError) as exc:
@@ -145,13 +156,15 @@ def prelabel(args) -> int:
                    everything={k: v for k, v in everything.items() if v is not None}, label=args.label,
                    output="polylines" if args.polylines else "detections",
                    instance_map_field=args.instance_map_field, mask_dir=args.masks_dir, overwrite=args.overwrite,
-                   ray_address=args.ray, ray_actors=args.ray_actors, batch_size=args.batch_size)
+                   ray_address=args.ray, ray_actors=args.ray_actors, batch_size=args.batch_size,
+                   workers=1 if args.ray else choose_workers(args, _samples_to_do(dataset, args)))
     bar = None
 
     def progress(n: int, total: int, name: str) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="img", desc=f"TinySAM → {args.field}", disable=args.no_progress)
+            workers = f" ({spec.workers} worker processes)" if spec.workers > 1 else ""
+            bar = tqdm(total=total, unit="img", desc=f"TinySAM → {args.field}{workers}", disable=args.no_progress)
         bar.update(n - bar.n)
         bar.set_postfix_str(name, refresh=False)
 

@@ -323,8 +323,9 @@ class CocoFolderSink:
 # ------------------------------------------------------------------------------- several processes, one machine
 @dataclass
 class ImageOutcome:
-    """What became of one image of a multi-process run: written by a worker's sink (`error` None), failed
-    (unreadable image, model error) or lost (its worker process died before writing it)."""
+    """What became of one image of a multi-process run: done (`error` None; written by a worker's sink, or,
+    for a run without one, `result` holds it), failed (unreadable image, model error) or lost (its worker
+    process died before finishing it)."""
 
     index: int  # position in the caller's job list
     key: str
@@ -332,6 +333,7 @@ class ImageOutcome:
     error: str | None
     masks: int = 0
     lost: bool = False
+    result: PrelabelResult | None = None  # runs without a worker sink: the image's result, for the caller to store
 
 
 class WorkerError(RuntimeError):
@@ -406,8 +408,11 @@ def _worker_main(conn, options, sink: Sink, mode: str, load, prefetch: int, batc
             if res.error is not None:
                 conn.send(("failed", index, res.error))
                 continue
-            sink.write(key, res)
-            conn.send(("done", index, len(res.records)))
+            if sink is None:
+                conn.send(("result", index, res))
+            else:
+                sink.write(key, res)
+                conn.send(("done", index, len(res.records)))
         conn.send(("exit",))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the parent is gone or stopping us
         return
@@ -425,12 +430,14 @@ def _worker_main(conn, options, sink: Sink, mode: str, load, prefetch: int, batc
         raise SystemExit(1) from None
 
 
-def run_everything_workers(options, jobs: Sequence[tuple[str, Any]], sink: Sink, *, workers: int,
+def run_everything_workers(options, jobs: Sequence[tuple[str, Any]], sink: Sink | None, *, workers: int,
                            mode: str = "hierarchical", load: Callable[[Any], np.ndarray] = load_image,
                            prefetch: int = 2, batch_size: int = 1, **params) -> Iterator[ImageOutcome]:
     """Everything mode over `jobs` ((key, item) pairs) in `workers` processes (spawned), each loading the model
     of `options` (an `EngineOptions`; its `threads` per process) once and writing its images through its own
-    copy of `sink` (which must pickle, and whose writes are atomic and per key, like `CocoFolderSink`'s).
+    copy of `sink` (which must pickle, and whose writes are atomic and per key, like `CocoFolderSink`'s). With
+    `sink=None` the workers write nothing: each outcome carries the image's `result` and the caller stores it
+    (one writer, e.g. a database).
 
     Yields one `ImageOutcome` per job as images finish (not in job order). The parent only hands out work:
     each worker holds a few images at a time (enough to keep its decode prefetch busy), so the load balances.
@@ -483,11 +490,13 @@ def run_everything_workers(options, jobs: Sequence[tuple[str, Any]], sink: Sink,
             kind = msg[0]
             if kind == "fatal":
                 raise WorkerError(f"worker process {w} (pid {procs[w].pid}) failed:\n{msg[1]}") from msg[2]
-            if kind in ("done", "failed"):
+            if kind in ("done", "failed", "result"):
                 index = msg[1]
                 key, item = held[w].pop(index)
                 if kind == "done":
                     yield ImageOutcome(index, key, item, None, msg[2])
+                elif kind == "result":
+                    yield ImageOutcome(index, key, item, None, len(msg[2].records), result=msg[2])
                 else:
                     yield ImageOutcome(index, key, item, msg[2])
                 if w not in stopped:
@@ -525,7 +534,7 @@ def run_everything_workers(options, jobs: Sequence[tuple[str, Any]], sink: Sink,
                 procs[w].join(timeout=30)
                 live.discard(w)
                 if held[w]:
-                    done = sink.done_keys()  # written, but the worker died before saying so
+                    done = sink.done_keys() if sink is not None else set()  # written, not yet said
                     why = (f"lost: worker process {w} (pid {procs[w].pid}) died "
                            f"({_signal_name(procs[w].exitcode)}) before finishing it; run again to complete it")
                     for index, (key, item) in sorted(held[w].items()):

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 
 from tinysam_kit.data.images import load_image
 from tinysam_kit.inference import policy
-from tinysam_kit.inference.batch import prefetch_images
+from tinysam_kit.inference.batch import PrelabelResult, prefetch_images
 from tinysam_kit.inference.predictor import PromptError, TinySamPredictor
 from tinysam_kit.integrations.fiftyone import labels as L
 
@@ -78,6 +78,7 @@ class RunSpec:
     ray_address: str | None = None
     ray_actors: int | None = None  # grow the actor pool up to this many (default: what the cluster holds)
     batch_size: int = 1  # images per encoder call on the cluster's actors
+    workers: int = 1  # everything mode in this many model processes on this machine (1: in this process)
 
     def everything_params(self, model_name: str) -> dict:
         """The everything-mode parameters this run uses with `model_name` (pre-labelling rules)."""
@@ -214,11 +215,14 @@ def validate_spec(samples, spec: RunSpec) -> None:
             raise RunError(f"mode must be 'hierarchical' or 'dense', got {spec.mode!r}")
         if spec.ray_address is not None and not str(spec.ray_address).strip():
             raise RunError("the Ray address is empty: give 'auto' or HOST:PORT, or none to run in this process")
-        if spec.batch_size < 1 or (spec.ray_actors is not None and spec.ray_actors < 1):
-            raise RunError("batch size and Ray actors must be positive integers")
+        if spec.batch_size < 1 or spec.workers < 1 or (spec.ray_actors is not None and spec.ray_actors < 1):
+            raise RunError("batch size, worker processes and Ray actors must be positive integers")
+        if spec.workers > 1 and spec.ray_address:
+            raise RunError("worker processes run on this machine; on a Ray cluster the actor pool does the work")
         return
-    if spec.ray_address:
-        raise RunError("prompt runs execute in this process; a Ray address applies to everything mode only")
+    if spec.ray_address or spec.workers > 1:
+        raise RunError("prompt runs execute in this process; a Ray address or worker processes apply to "
+                       "everything mode only")
     if not spec.box_field and not spec.point_field:
         raise RunError("give a box prompt field (Detections) and/or a point prompt field (Keypoints)")
     for name, want in ((spec.box_field, "Detections"), (spec.point_field, "Keypoints")):
@@ -304,7 +308,7 @@ def _record_run(dataset, spec: RunSpec, predictor: TinySamPredictor, summary: Ru
     signature = spec.signature(choice.name, predictor.model_version, predictor.model_name)
     parameters = {k: v for k, v in asdict(spec).items()
                   if k not in ("options", "overwrite", "write_batch", "prefetch", "decode_workers",
-                               "ray_actors", "batch_size")}
+                               "ray_actors", "batch_size", "workers")}
     if spec.task == "everything":
         parameters["everything"] = spec.everything_params(predictor.model_name)
     config = dataset.init_run(
@@ -489,8 +493,12 @@ def iter_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None
             summary.seconds = time.perf_counter() - t0
             _save_summary(dataset, summary)
 
-    outcomes = (_ray_outcomes(spec, predictor, ids, paths) if spec.ray_address
-                else _local_outcomes(samples, spec, predictor, ids, paths, summary))
+    if spec.ray_address:
+        outcomes = _ray_outcomes(spec, predictor, ids, paths)
+    elif spec.workers > 1 and len(ids) > 1:
+        outcomes = _worker_outcomes(spec, predictor, ids, paths)
+    else:
+        outcomes = _local_outcomes(samples, spec, predictor, ids, paths, summary)
     writer = _Writer(dataset, spec, spec.write_batch, on_flush=beat)
     try:
         for n, (sample_id, path, outcome) in enumerate(outcomes, 1):
@@ -553,31 +561,48 @@ def _local_outcomes(samples, spec: RunSpec, predictor: TinySamPredictor, ids: li
 
 def _ray_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str],
                   paths: list[str]) -> Iterator[tuple[str, str, Outcome]]:
-    """(sample id, filepath, outcome) per sample, as the cluster's model actors finish them.
-
-    The actors load the model this process resolved (so `auto` cannot resolve differently on a node), and
-    every result must come from the same model version as this process's, or the run stops."""
-    from tinysam_kit.inference.encodings.coco import with_binary_masks
+    """(sample id, filepath, outcome) per sample, as the cluster's model actors finish them. The actors load the
+    model this process resolved (so `auto` cannot resolve differently on a node)."""
     from tinysam_kit.integrations.ray import RayRunError, RayUnavailableError, iter_everything_on_ray
 
-    options = replace(spec.options, model=predictor.model_choice.name)
     path_of = dict(zip(ids, paths))
     try:
         for sample_id, result in iter_everything_on_ray(
-                path_of, address=spec.ray_address, options=options, mode=spec.mode,
-                params=spec.everything_params(predictor.model_name), batch_size=spec.batch_size,
+                path_of, address=spec.ray_address, options=replace(spec.options, model=predictor.model_choice.name),
+                mode=spec.mode, params=spec.everything_params(predictor.model_name), batch_size=spec.batch_size,
                 max_actors=spec.ray_actors, output_mode="coco_rle"):
-            if result.error is not None:
-                yield sample_id, path_of[sample_id], RunError(result.error)
-                continue
-            if result.model_version != predictor.model_version:
-                raise RunError(f"the cluster's model is {result.model_version}, this process's is "
-                               f"{predictor.model_version}: give every node the same weights (or an explicit "
-                               "checkpoint path they all read)")
-            results = L.everything_results(with_binary_masks(result.records), spec.label)
-            yield sample_id, path_of[sample_id], (results, (result.height, result.width))
+            yield sample_id, path_of[sample_id], _everything_outcome(spec, predictor, result, "the cluster's")
     except (RayUnavailableError, RayRunError) as exc:
         raise RunError(str(exc)) from exc
+
+
+def _worker_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str],
+                     paths: list[str]) -> Iterator[tuple[str, str, Outcome]]:
+    """(sample id, filepath, outcome) per sample, as `spec.workers` model processes on this machine finish them
+    (each with `threads` or its share of the cores); this process stays the only database writer."""
+    from tinysam_kit.inference.batch import run_everything_workers, usable_cores
+
+    threads = spec.options.threads or max(1, usable_cores() // spec.workers)
+    options = replace(spec.options, model=predictor.model_choice.name, threads=threads)
+    path_of = dict(zip(ids, paths))
+    for outcome in run_everything_workers(options, list(path_of.items()), None, workers=spec.workers,
+                                          mode=spec.mode, output_mode="coco_rle",
+                                          **spec.everything_params(predictor.model_name)):
+        result = outcome.result if outcome.result is not None else PrelabelResult(outcome.item, None, outcome.error)
+        yield outcome.key, path_of[outcome.key], _everything_outcome(spec, predictor, result, "the workers'")
+
+
+def _everything_outcome(spec: RunSpec, predictor: TinySamPredictor, result: PrelabelResult, where: str) -> Outcome:
+    """One image's everything-mode result computed elsewhere (records as RLE) as this process's outcome; results
+    from another model version than this process's stop the run."""
+    from tinysam_kit.inference.encodings.coco import with_binary_masks
+
+    if result.error is not None:
+        return RunError(result.error)
+    if result.model_version != predictor.model_version:
+        raise RunError(f"{where} model is {result.model_version}, this process's is {predictor.model_version}: "
+                       "give every node the same weights (or an explicit checkpoint path they all read)")
+    return L.everything_results(with_binary_masks(result.records), spec.label), (result.height, result.width)
 
 
 def _sample_results(predictor, everything, spec: RunSpec, image, prompt_labels, summary: RunSummary) -> list:
