@@ -162,3 +162,15 @@ def test_official_weights_unavailable_is_a_clear_message(tmp_path, monkeypatch, 
     assert "tinysam_42.3.pth" in err and str(tmp_path / "tinysam_42.3.pth") in err
     assert "Traceback" not in err
     policy._resolve_auto.cache_clear()  # nor may this registry's answer outlive the test
+
+
+def test_a_model_loads_under_one_name_everywhere(tiny_random_checkpoint):
+    """The name that picks a model's registered everything-mode values: the same for the loaded engine and for
+    the commands that only pass the model on (worker processes, Ray actors)."""
+    from tinysam_kit.inference.predictor import TinySamPredictor
+    from tinysam_kit.models.registry import model_name_of
+
+    assert model_name_of("demo") == "demo"
+    assert model_name_of(tiny_random_checkpoint) == tiny_random_checkpoint.stem
+    assert TinySamPredictor.from_pretrained(str(tiny_random_checkpoint), device="cpu").model_name == \
+        model_name_of(tiny_random_checkpoint)

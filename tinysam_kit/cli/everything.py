@@ -122,7 +122,7 @@ def _everything_in_workers(args, workers: int, todo: list, keys: list, root: Pat
 
     from tinysam_kit.inference.batch import CocoFolderSink, WorkerError, run_everything_workers, usable_cores
     from tinysam_kit.inference.policy import EngineOptions, PolicyError, everything_params
-    from tinysam_kit.models.registry import MODELS
+    from tinysam_kit.models.registry import model_name_of
 
     model = resolve_model_choice(args.model)
     threads = args.threads or max(1, usable_cores() // workers)
@@ -130,8 +130,7 @@ def _everything_in_workers(args, workers: int, todo: list, keys: list, root: Pat
         options = EngineOptions(model, args.engine, args.precision, args.device, threads)
     except PolicyError as exc:
         raise CliError(str(exc)) from exc
-    # The engine names a checkpoint file by its stem; registered names as they are (as the 1-worker run does).
-    params = everything_params(model if model in MODELS else Path(model).expanduser().stem, explicit, prelabel=True)
+    params = everything_params(model_name_of(model), explicit, prelabel=True)
     sink = CocoFolderSink(out_dir, root, info={"mode": mode, "params": params}, previews=not args.no_preview,
                           order=keys, polygon_tolerance=polygon_tolerance(args))
     failures, masks = [], 0
@@ -173,10 +172,11 @@ def _everything_on_ray(args, images, keys, root: Path, out_dir: Path, mode: str,
     from tinysam_kit.inference.batch import CocoFolderSink
     from tinysam_kit.inference.policy import EngineOptions, everything_params
     from tinysam_kit.integrations.ray import RayRunError, RayUnavailableError, run_everything_on_ray
+    from tinysam_kit.models.registry import model_name_of
 
     model = resolve_model_choice(args.model)
     options = EngineOptions(model, args.engine, args.precision, args.device, args.threads)
-    params = everything_params(model, explicit, prelabel=True)
+    params = everything_params(model_name_of(model), explicit, prelabel=True)
     sink = CocoFolderSink(out_dir, root.resolve(), info={"mode": mode, "params": params},
                           previews=not args.no_preview, order=keys, polygon_tolerance=polygon_tolerance(args))
     try:

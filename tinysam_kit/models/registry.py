@@ -237,6 +237,12 @@ def sidecar_config(path: Path) -> ModelConfig | None:
     return None
 
 
+def model_name_of(name_or_path: str | os.PathLike) -> str:
+    """The name a model loads under: a registered name as it is, a checkpoint file by its stem."""
+    key = str(name_or_path)
+    return key if key in MODELS else Path(name_or_path).expanduser().stem
+
+
 def load_model_with_info(name_or_path: str | os.PathLike = "tinysam", *, device: str = "auto",
                          config: ModelConfig | None = None,
                          download: bool = True) -> tuple[TinySam, str, str]:
@@ -252,7 +258,7 @@ def load_model_with_info(name_or_path: str | os.PathLike = "tinysam", *, device:
         if not path.is_file():
             raise ModelNotAvailableError(
                 f"{key!r} is neither a registered model ({', '.join(sorted(MODELS))}) nor an existing file")
-        name = path.stem
+        name = model_name_of(path)
         sha = sha256_file(path)
     state = read_state_dict(path)
     config = config or sidecar_config(path) or infer_config(state)
