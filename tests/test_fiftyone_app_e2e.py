@@ -9,6 +9,7 @@ Screenshots are kept in test-artifacts/."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,6 +23,35 @@ from fiftyone_helpers import PLUGIN_URI, REPO, fiftyone_env, free_port, make_ima
 
 CHROMIUM = Path(os.environ.get("TINYSAM_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = REPO / "test-artifacts"
+
+
+def require_browser():
+    """Playwright's sync API, or a skip naming what to install (.ci/setup_fiftyone.sh sets up Chromium and
+    Playwright; a developer machine may lack them)."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
+    return pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+
+
+@contextlib.contextmanager
+def app_page(failure_shot: Path, errors: list[str] | None = None):
+    """A 1400×900 Chromium page for the App; a screenshot to `failure_shot` when the block fails; the page's
+    console errors and uncaught exceptions appended to `errors` when given."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        if errors is not None:
+            page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text}"))
+            page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+        try:
+            yield page
+        except Exception:
+            page.screenshot(path=str(failure_shot))
+            raise
+        finally:
+            browser.close()
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -65,9 +95,7 @@ class AppServer:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_segment_everything_from_the_app(tmp_path, tiny_random_checkpoint):
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    playwright = require_browser()
     info = fiftyone_env()
     import fiftyone as fo
     from fiftyone.operators.delegated import DelegatedOperationService
@@ -86,43 +114,35 @@ def test_segment_everything_from_the_app(tmp_path, tiny_random_checkpoint):
     shot = ARTIFACTS / "fiftyone_segment_everything.png"
     try:
         wait_http(f"http://127.0.0.1:{port}/", server, log_path)
-        with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+        with app_page(ARTIFACTS / "fiftyone_segment_everything_failure.png") as page:
+            open_dataset(page, port, name)
+            fill_everything_form(page, tiny_random_checkpoint, "8", "sam_e2e")
+            page.get_by_role("button", name="Schedule").click()
+
+            service = DelegatedOperationService()
+            uri = f"{PLUGIN_URI}/segment_everything"
+            deadline = time.monotonic() + 60
+            while not service.list_operations(operator=uri, dataset_name=name):
+                assert time.monotonic() < deadline, "the App did not schedule the operation"
+                time.sleep(0.5)
+            # Playwright's sync API owns this thread's event loop; the service runs its own in a thread.
+            results = []
+            worker = threading.Thread(target=lambda: results.extend(
+                service.execute_queued_operations(operator=uri, dataset_name=name)))
+            worker.start()
+            worker.join(600)
+            assert len(results) == 1 and results[0].error is None, results[0].error
+
+            page.reload()
+            page.wait_for_selector("[data-cy=sidebar-field-sam_e2e]", timeout=120_000)
+            page.wait_for_selector("[data-cy=looker]", timeout=120_000)
+            page.click("[data-cy=checkbox-sam_e2e]")  # show the masks on the grid
             try:
-                open_dataset(page, port, name)
-                fill_everything_form(page, tiny_random_checkpoint, "8", "sam_e2e")
-                page.get_by_role("button", name="Schedule").click()
-
-                service = DelegatedOperationService()
-                uri = f"{PLUGIN_URI}/segment_everything"
-                deadline = time.monotonic() + 60
-                while not service.list_operations(operator=uri, dataset_name=name):
-                    assert time.monotonic() < deadline, "the App did not schedule the operation"
-                    time.sleep(0.5)
-                # Playwright's sync API owns this thread's event loop; the service runs its own in a thread.
-                results = []
-                worker = threading.Thread(target=lambda: results.extend(
-                    service.execute_queued_operations(operator=uri, dataset_name=name)))
-                worker.start()
-                worker.join(600)
-                assert len(results) == 1 and results[0].error is None, results[0].error
-
-                page.reload()
-                page.wait_for_selector("[data-cy=sidebar-field-sam_e2e]", timeout=120_000)
-                page.wait_for_selector("[data-cy=looker]", timeout=120_000)
-                page.click("[data-cy=checkbox-sam_e2e]")  # show the masks on the grid
-                try:
-                    page.wait_for_selector("[data-cy=checkbox-sam_e2e] [data-testid=CheckBoxIcon]", timeout=10_000)
-                except playwright.TimeoutError:
-                    page.click("[data-cy=checkbox-sam_e2e]")  # the first click can land before the grid is live
-                page.wait_for_timeout(3000)
-                page.screenshot(path=str(shot))
-            except Exception:
-                page.screenshot(path=str(ARTIFACTS / "fiftyone_segment_everything_failure.png"))
-                raise
-            finally:
-                browser.close()
+                page.wait_for_selector("[data-cy=checkbox-sam_e2e] [data-testid=CheckBoxIcon]", timeout=10_000)
+            except playwright.TimeoutError:
+                page.click("[data-cy=checkbox-sam_e2e]")  # the first click can land before the grid is live
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(shot))
         dataset.reload()
         assert len(dataset.exists("sam_e2e")) == 2
         assert all(d.mask is not None for s in dataset for d in s.sam_e2e.detections)
@@ -235,9 +255,7 @@ def test_selected_label_masks_show_in_the_open_modal(tmp_path):
     """The defect: the toast said masks were written but the open modal showed nothing until a page reload.
     The mask must show in the open modal within 2 s of the notification, the new field listed in the modal's
     sidebar, without reloading the page and without errors in the browser console."""
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    require_browser()
     info = fiftyone_env()
     import fiftyone as fo
 
@@ -252,61 +270,51 @@ def test_selected_label_masks_show_in_the_open_modal(tmp_path):
     errors: list[str] = []
     server = AppServer(tmp_path, info["env"])
     try:
-        with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text}"))
-            page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
-            try:
-                open_dataset(page, server.port, name)
-                assert page.evaluate("() => [...document.scripts].some(s => s.src.includes('/js/tinysam.js'))"), \
-                    "the App did not load the plugin's script"
-                page.locator("[data-cy=looker]").first.click()
-                page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
-                page.wait_for_timeout(2000)
-                page.evaluate("() => { window.__tinysamNoReload = true; }")  # a reload would drop it
-                red_xy, blue_xy = on_screen(page, red), on_screen(page, blue)
+        with app_page(ARTIFACTS / "fiftyone_modal_failure.png", errors) as page:
+            open_dataset(page, server.port, name)
+            assert page.evaluate("() => [...document.scripts].some(s => s.src.includes('/js/tinysam.js'))"), \
+                "the App did not load the plugin's script"
+            page.locator("[data-cy=looker]").first.click()
+            page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
+            page.wait_for_timeout(2000)
+            page.evaluate("() => { window.__tinysamNoReload = true; }")  # a reload would drop it
+            red_xy, blue_xy = on_screen(page, red), on_screen(page, blue)
 
-                # 1. A new output field: select the red box, run; the field joins the modal's sidebar and the
-                #    mask is drawn over the red rectangle (only there).
-                page.mouse.click(*red_xy)
-                page.wait_for_timeout(500)
-                page.screenshot(path=str(shots["before"]))
-                red_before, blue_before = colour(shots["before"], red_xy), colour(shots["before"], blue_xy)
-                done = run_selected_labels(page)
-                page.wait_for_selector("[data-cy=modal] [data-cy=sidebar-field-tinysam_masks]",
-                                       timeout=max(0.1, done + 2.0 - time.monotonic()) * 1000)
-                now = screenshot_until(page, shots["new_field"], {"red": (red_xy, red_before)}, done + 2.0)
-                assert differs(now["red"], red_before), f"no mask over the red box ({red_before} → {now['red']})"
-                assert not differs(colour(shots["new_field"], blue_xy), blue_before), "the blue box changed"
+            # 1. A new output field: select the red box, run; the field joins the modal's sidebar and the
+            #    mask is drawn over the red rectangle (only there).
+            page.mouse.click(*red_xy)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shots["before"]))
+            red_before, blue_before = colour(shots["before"], red_xy), colour(shots["before"], blue_xy)
+            done = run_selected_labels(page)
+            page.wait_for_selector("[data-cy=modal] [data-cy=sidebar-field-tinysam_masks]",
+                                   timeout=max(0.1, done + 2.0 - time.monotonic()) * 1000)
+            now = screenshot_until(page, shots["new_field"], {"red": (red_xy, red_before)}, done + 2.0)
+            assert differs(now["red"], red_before), f"no mask over the red box ({red_before} → {now['red']})"
+            assert not differs(colour(shots["new_field"], blue_xy), blue_before), "the blue box changed"
 
-                # 2. The same field, now existing: select the blue box as well; its mask shows too.
-                page.mouse.click(*blue_xy)
-                page.wait_for_timeout(500)
-                done = run_selected_labels(page, n=2)
-                now = screenshot_until(page, shots["existing_field"], {"blue": (blue_xy, blue_before)}, done + 2.0)
-                assert differs(now["blue"], blue_before), f"no mask over the blue box ({blue_before} → {now['blue']})"
-                assert differs(colour(shots["existing_field"], red_xy), red_before), "the red box's mask went away"
-                assert page.evaluate("() => window.__tinysamNoReload === true"), "the page was reloaded"
+            # 2. The same field, now existing: select the blue box as well; its mask shows too.
+            page.mouse.click(*blue_xy)
+            page.wait_for_timeout(500)
+            done = run_selected_labels(page, n=2)
+            now = screenshot_until(page, shots["existing_field"], {"blue": (blue_xy, blue_before)}, done + 2.0)
+            assert differs(now["blue"], blue_before), f"no mask over the blue box ({blue_before} → {now['blue']})"
+            assert differs(colour(shots["existing_field"], red_xy), red_before), "the red box's mask went away"
+            assert page.evaluate("() => window.__tinysamNoReload === true"), "the page was reloaded"
 
-                # 3. Closed and opened again, the sample shows both masks (no stale copy of it is left).
-                for _ in range(3):  # the first Escape clears the label selection, the next closes the modal
-                    if not page.locator("[data-cy=modal-looker-container]").count():
-                        break
-                    page.keyboard.press("Escape")
-                    page.wait_for_timeout(1000)
-                page.wait_for_selector("[data-cy=modal-looker-container]", state="detached", timeout=10_000)
-                page.locator("[data-cy=looker]").first.click()
-                page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
-                now = screenshot_until(page, shots["reopened"], {"red": (red_xy, red_before),
-                                                                 "blue": (blue_xy, blue_before)},
-                                       time.monotonic() + 5.0)
-                assert differs(now["red"], red_before) and differs(now["blue"], blue_before), now
-            except Exception:
-                page.screenshot(path=str(ARTIFACTS / "fiftyone_modal_failure.png"))
-                raise
-            finally:
-                browser.close()
+            # 3. Closed and opened again, the sample shows both masks (no stale copy of it is left).
+            for _ in range(3):  # the first Escape clears the label selection, the next closes the modal
+                if not page.locator("[data-cy=modal-looker-container]").count():
+                    break
+                page.keyboard.press("Escape")
+                page.wait_for_timeout(1000)
+            page.wait_for_selector("[data-cy=modal-looker-container]", state="detached", timeout=10_000)
+            page.locator("[data-cy=looker]").first.click()
+            page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
+            now = screenshot_until(page, shots["reopened"], {"red": (red_xy, red_before),
+                                                             "blue": (blue_xy, blue_before)},
+                                   time.monotonic() + 5.0)
+            assert differs(now["red"], red_before) and differs(now["blue"], blue_before), now
         assert not app_errors(errors), app_errors(errors)
         dataset.reload()
         assert sorted(d.label for d in dataset.first().tinysam_masks.detections) == ["blue", "red"]
@@ -320,9 +328,7 @@ def test_selected_label_masks_show_in_the_open_modal(tmp_path):
 def test_immediate_run_shows_progress_in_the_app(tmp_path, tiny_random_checkpoint):
     """*Execute* (not Schedule): the operator's panel shows FiftyOne's progress bar with "n/total images
     segmented" while it runs, then the summary and a notification."""
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    require_browser()
     info = fiftyone_env()
     import fiftyone as fo
 
@@ -334,25 +340,17 @@ def test_immediate_run_shows_progress_in_the_app(tmp_path, tiny_random_checkpoin
     shots = {k: ARTIFACTS / f"fiftyone_immediate_{k}.png" for k in ("progress", "done")}
     server = AppServer(tmp_path, info["env"])
     try:
-        with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            try:
-                open_dataset(page, server.port, name)
-                fill_everything_form(page, tiny_random_checkpoint, "16", "sam_now")
-                page.get_by_role("button", name="Schedule").locator("xpath=following-sibling::*[1]").click()
-                page.get_by_text("Run this operation synchronously").click()
-                page.get_by_role("button", name="Execute").first.click()
-                page.get_by_text("images segmented").first.wait_for(timeout=120_000)
-                page.screenshot(path=str(shots["progress"]))
-                page.get_by_text("sample(s) segmented into 'sam_now'").first.wait_for(timeout=300_000)
-                page.wait_for_timeout(500)
-                page.screenshot(path=str(shots["done"]))
-            except Exception:
-                page.screenshot(path=str(ARTIFACTS / "fiftyone_immediate_failure.png"))
-                raise
-            finally:
-                browser.close()
+        with app_page(ARTIFACTS / "fiftyone_immediate_failure.png") as page:
+            open_dataset(page, server.port, name)
+            fill_everything_form(page, tiny_random_checkpoint, "16", "sam_now")
+            page.get_by_role("button", name="Schedule").locator("xpath=following-sibling::*[1]").click()
+            page.get_by_text("Run this operation synchronously").click()
+            page.get_by_role("button", name="Execute").first.click()
+            page.get_by_text("images segmented").first.wait_for(timeout=120_000)
+            page.screenshot(path=str(shots["progress"]))
+            page.get_by_text("sample(s) segmented into 'sam_now'").first.wait_for(timeout=300_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shots["done"]))
         dataset.reload()
         assert len(dataset.exists("sam_now")) == 12
     finally:

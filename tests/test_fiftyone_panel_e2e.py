@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from fiftyone_helpers import REPO, fiftyone_env
 from test_fiftyone_app_e2e import (
-    CHROMIUM,
     AppServer,
+    app_page,
     colour,
     differs,
     on_screen,
     open_dataset,
+    require_browser,
     scene,
     screenshot_until,
 )
@@ -104,9 +105,7 @@ def test_panel_geometry_and_save_without_the_app(tmp_path, monkeypatch):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_click_to_segment_panel_saves_a_mask(tmp_path):
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium; see .ci/setup_fiftyone.sh)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    require_browser()
     info = fiftyone_env()
     import fiftyone as fo
 
@@ -123,118 +122,110 @@ def test_click_to_segment_panel_saves_a_mask(tmp_path):
     red_centre = ((RED_RECT[0] + RED_RECT[2]) / 2, (RED_RECT[1] + RED_RECT[3]) / 2)
     background = (250, 60)
     try:
-        with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            try:
-                open_dataset(page, server.port, name)
-                page.locator("[data-cy=looker]").first.click()
-                page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
-                page.wait_for_timeout(1500)
-                page.evaluate("() => { window.__tinysamNoReload = true; }")  # a reload would drop it
-                red_box = [RED_RECT[0] / 320, RED_RECT[1] / 240, (RED_RECT[2] - RED_RECT[0]) / 320,
-                           (RED_RECT[3] - RED_RECT[1]) / 240]
-                page.screenshot(path=str(shots["modal_before"]))
-                sample_red_before = colour(shots["modal_before"], on_screen(page, red_box))
+        with app_page(shots["failure"]) as page:
+            open_dataset(page, server.port, name)
+            page.locator("[data-cy=looker]").first.click()
+            page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=60_000)
+            page.wait_for_timeout(1500)
+            page.evaluate("() => { window.__tinysamNoReload = true; }")  # a reload would drop it
+            red_box = [RED_RECT[0] / 320, RED_RECT[1] / 240, (RED_RECT[2] - RED_RECT[0]) / 320,
+                       (RED_RECT[3] - RED_RECT[1]) / 240]
+            page.screenshot(path=str(shots["modal_before"]))
+            sample_red_before = colour(shots["modal_before"], on_screen(page, red_box))
 
-                # The panel is a tab of the modal, next to "Sample".
-                page.locator("[data-cy=modal] [data-cy=panel-tab-click_to_segment]").first.click()
-                picture = page.locator("[data-cy=modal] .js-plotly-plot svg image").first
-                picture.wait_for(timeout=120_000)
-                page.get_by_text("Model: demo", exact=False).first.wait_for(timeout=10_000)
-                page.wait_for_timeout(1000)
-                page.screenshot(path=str(shots["panel_open"]))
-                inside_xy = (RED_RECT[0] + 15, RED_RECT[1] + 15)
-                original = {xy: pixel(shots["panel_open"], picture_to_screen(page, xy))
-                            for xy in (red_centre, inside_xy, background)}
-                assert original[red_centre][:3] == (220, 40, 40), original
+            # The panel is a tab of the modal, next to "Sample".
+            page.locator("[data-cy=modal] [data-cy=panel-tab-click_to_segment]").first.click()
+            picture = page.locator("[data-cy=modal] .js-plotly-plot svg image").first
+            picture.wait_for(timeout=120_000)
+            page.get_by_text("Model: demo", exact=False).first.wait_for(timeout=10_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots["panel_open"]))
+            inside_xy = (RED_RECT[0] + 15, RED_RECT[1] + 15)
+            original = {xy: pixel(shots["panel_open"], picture_to_screen(page, xy))
+                        for xy in (red_centre, inside_xy, background)}
+            assert original[red_centre][:3] == (220, 40, 40), original
 
-                # A click on the red rectangle: a positive point and the mask in the picture.
-                page.mouse.click(*picture_to_screen(page, red_centre))
-                page.get_by_text("1 positive, 0 negative point(s); mask score").wait_for(timeout=60_000)
-                page.wait_for_timeout(1000)
-                page.screenshot(path=str(shots["positive_click"]))
-                inside = pixel(shots["positive_click"], picture_to_screen(page, inside_xy))
-                outside = pixel(shots["positive_click"], picture_to_screen(page, background))
-                assert changed(original[inside_xy], inside), f"no mask over the red rectangle in the panel ({inside})"
-                assert not changed(original[background], outside), f"the mask spills onto the background ({outside})"
+            # A click on the red rectangle: a positive point and the mask in the picture.
+            page.mouse.click(*picture_to_screen(page, red_centre))
+            page.get_by_text("1 positive, 0 negative point(s); mask score").wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots["positive_click"]))
+            inside = pixel(shots["positive_click"], picture_to_screen(page, inside_xy))
+            outside = pixel(shots["positive_click"], picture_to_screen(page, background))
+            assert changed(original[inside_xy], inside), f"no mask over the red rectangle in the panel ({inside})"
+            assert not changed(original[background], outside), f"the mask spills onto the background ({outside})"
 
-                # Shift+click on the background: a negative point; the mask stays on the rectangle.
-                page.keyboard.down("Shift")
-                page.mouse.click(*picture_to_screen(page, background))
-                page.keyboard.up("Shift")
-                page.get_by_text("1 positive, 1 negative point(s); mask score").wait_for(timeout=60_000)
-                page.wait_for_timeout(1000)
-                page.screenshot(path=str(shots["negative_click"]))
-                after = pixel(shots["negative_click"], picture_to_screen(page, inside_xy))
-                assert changed(original[inside_xy], after), f"the mask left the red rectangle ({after})"
+            # Shift+click on the background: a negative point; the mask stays on the rectangle.
+            page.keyboard.down("Shift")
+            page.mouse.click(*picture_to_screen(page, background))
+            page.keyboard.up("Shift")
+            page.get_by_text("1 positive, 1 negative point(s); mask score").wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots["negative_click"]))
+            after = pixel(shots["negative_click"], picture_to_screen(page, inside_xy))
+            assert changed(original[inside_xy], after), f"the mask left the red rectangle ({after})"
 
-                # Save: a notification; the panel outlines the saved mask and the new field is in the sidebar.
-                page.locator("[data-cy=modal] input[value=object]").first.fill("red box")
-                page.wait_for_timeout(1000)  # the panel's state learns the edit
-                page.get_by_role("button", name="Save", exact=True).click()
-                page.get_by_text("Saved 'red box' to 'tinysam_clicks'").first.wait_for(timeout=60_000)
-                page.get_by_text("1 saved in 'tinysam_clicks'", exact=False).first.wait_for(timeout=60_000)
-                page.wait_for_selector("[data-cy=sidebar-field-tinysam_clicks]", timeout=30_000)
-                page.wait_for_timeout(1000)
-                page.screenshot(path=str(shots["saved_panel"]))
-                after_save = pixel(shots["saved_panel"], picture_to_screen(page, inside_xy))
-                assert not changed(original[inside_xy], after_save), "the clicks were not cleared after saving"
+            # Save: a notification; the panel outlines the saved mask and the new field is in the sidebar.
+            page.locator("[data-cy=modal] input[value=object]").first.fill("red box")
+            page.wait_for_timeout(1000)  # the panel's state learns the edit
+            page.get_by_role("button", name="Save", exact=True).click()
+            page.get_by_text("Saved 'red box' to 'tinysam_clicks'").first.wait_for(timeout=60_000)
+            page.get_by_text("1 saved in 'tinysam_clicks'", exact=False).first.wait_for(timeout=60_000)
+            page.wait_for_selector("[data-cy=sidebar-field-tinysam_clicks]", timeout=30_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots["saved_panel"]))
+            after_save = pixel(shots["saved_panel"], picture_to_screen(page, inside_xy))
+            assert not changed(original[inside_xy], after_save), "the clicks were not cleared after saving"
 
-                # The modal's Sample tab draws the saved mask (no reload, no reopening).
-                page.locator("[data-cy=modal] [data-cy=panel-tab-fo-sample-modal-plugin]").first.click()
-                page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=30_000)
-                now = screenshot_until(page, shots["saved_sample_tab"],
-                                       {"red": (on_screen(page, red_box), sample_red_before)}, time.monotonic() + 5)
-                assert differs(now["red"], sample_red_before), \
-                    f"the Sample tab does not draw the saved mask ({sample_red_before} → {now['red']})"
-                assert page.evaluate("() => window.__tinysamNoReload === true"), "the page was reloaded"
-                page.locator("[data-cy=modal] [data-cy=panel-tab-click_to_segment]").first.click()
-                picture.wait_for(timeout=60_000)
-                page.wait_for_timeout(1500)
+            # The modal's Sample tab draws the saved mask (no reload, no reopening).
+            page.locator("[data-cy=modal] [data-cy=panel-tab-fo-sample-modal-plugin]").first.click()
+            page.wait_for_selector("[data-cy=modal-looker-container] canvas", timeout=30_000)
+            now = screenshot_until(page, shots["saved_sample_tab"],
+                                   {"red": (on_screen(page, red_box), sample_red_before)}, time.monotonic() + 5)
+            assert differs(now["red"], sample_red_before), \
+                f"the Sample tab does not draw the saved mask ({sample_red_before} → {now['red']})"
+            assert page.evaluate("() => window.__tinysamNoReload === true"), "the page was reloaded"
+            page.locator("[data-cy=modal] [data-cy=panel-tab-click_to_segment]").first.click()
+            picture.wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)
 
-                # Box mode: a drag around the blue rectangle selects a box, whose mask the picture shows.
-                page.locator("[data-cy=modal]").get_by_label("box", exact=True).check()
-                page.wait_for_timeout(1500)  # the panel re-renders with the selection grid
-                blue_xy = (240, 170)
-                blue_before = pixel(shots["saved_panel"], picture_to_screen(page, blue_xy))
-                page.mouse.move(*picture_to_screen(page, (172, 122)))
-                page.mouse.down()
-                page.mouse.move(*picture_to_screen(page, (240, 170)), steps=5)
-                page.mouse.move(*picture_to_screen(page, (308, 218)), steps=5)
-                page.mouse.up()
-                page.get_by_text("0 positive, 0 negative point(s), a box; mask score").wait_for(timeout=60_000)
-                page.wait_for_timeout(1000)
-                page.screenshot(path=str(shots["box_drag"]))
-                blue_after = pixel(shots["box_drag"], picture_to_screen(page, blue_xy))
-                assert changed(blue_before, blue_after), f"no mask over the blue rectangle ({blue_after})"
-                page.get_by_role("button", name="Clear", exact=True).click()
-                page.get_by_text("0 positive, 0 negative point(s) — 1 saved").wait_for(timeout=30_000)
+            # Box mode: a drag around the blue rectangle selects a box, whose mask the picture shows.
+            page.locator("[data-cy=modal]").get_by_label("box", exact=True).check()
+            page.wait_for_timeout(1500)  # the panel re-renders with the selection grid
+            blue_xy = (240, 170)
+            blue_before = pixel(shots["saved_panel"], picture_to_screen(page, blue_xy))
+            page.mouse.move(*picture_to_screen(page, (172, 122)))
+            page.mouse.down()
+            page.mouse.move(*picture_to_screen(page, (240, 170)), steps=5)
+            page.mouse.move(*picture_to_screen(page, (308, 218)), steps=5)
+            page.mouse.up()
+            page.get_by_text("0 positive, 0 negative point(s), a box; mask score").wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots["box_drag"]))
+            blue_after = pixel(shots["box_drag"], picture_to_screen(page, blue_xy))
+            assert changed(blue_before, blue_after), f"no mask over the blue rectangle ({blue_after})"
+            page.get_by_role("button", name="Clear", exact=True).click()
+            page.get_by_text("0 positive, 0 negative point(s) — 1 saved").wait_for(timeout=30_000)
 
-                # The grid draws the new mask without a page reload.
-                page.locator("[data-cy=modal] [data-cy=panel-tab-fo-sample-modal-plugin]").first.click()
-                page.wait_for_timeout(500)
-                close_modal(page)
-                page.wait_for_selector("[data-cy=modal]", state="detached", timeout=30_000)
-                page.wait_for_timeout(2000)
-                page.screenshot(path=str(shots["saved_grid"]))
-                tile = page.locator("[data-cy=looker]").first.bounding_box()
-                scale = min(tile["width"] / 320, tile["height"] / 240)
-                grid_xy = (tile["x"] + (tile["width"] - 320 * scale) / 2 + inside_xy[0] * scale,
-                           tile["y"] + (tile["height"] - 240 * scale) / 2 + inside_xy[1] * scale)
-                grid_rgb = pixel(shots["saved_grid"], grid_xy)
-                assert grid_rgb[:3] != (220, 40, 40), f"no mask drawn over the red rectangle in the grid ({grid_rgb})"
+            # The grid draws the new mask without a page reload.
+            page.locator("[data-cy=modal] [data-cy=panel-tab-fo-sample-modal-plugin]").first.click()
+            page.wait_for_timeout(500)
+            close_modal(page)
+            page.wait_for_selector("[data-cy=modal]", state="detached", timeout=30_000)
+            page.wait_for_timeout(2000)
+            page.screenshot(path=str(shots["saved_grid"]))
+            tile = page.locator("[data-cy=looker]").first.bounding_box()
+            scale = min(tile["width"] / 320, tile["height"] / 240)
+            grid_xy = (tile["x"] + (tile["width"] - 320 * scale) / 2 + inside_xy[0] * scale,
+                       tile["y"] + (tile["height"] - 240 * scale) / 2 + inside_xy[1] * scale)
+            grid_rgb = pixel(shots["saved_grid"], grid_xy)
+            assert grid_rgb[:3] != (220, 40, 40), f"no mask drawn over the red rectangle in the grid ({grid_rgb})"
 
-                # The modal, opened again, lists the new field with its label.
-                page.locator("[data-cy=looker]").first.click()
-                page.wait_for_selector("[data-cy=modal] [data-cy=sidebar-field-tinysam_clicks]", timeout=30_000)
-                page.wait_for_timeout(1500)
-                page.screenshot(path=str(shots["reopened_modal"]))
-            except Exception:
-                page.screenshot(path=str(shots["failure"]))
-                raise
-            finally:
-                browser.close()
+            # The modal, opened again, lists the new field with its label.
+            page.locator("[data-cy=looker]").first.click()
+            page.wait_for_selector("[data-cy=modal] [data-cy=sidebar-field-tinysam_clicks]", timeout=30_000)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(shots["reopened_modal"]))
         dataset.reload()
         detections = dataset.first().tinysam_clicks.detections
         assert [d.label for d in detections] == ["red box"]

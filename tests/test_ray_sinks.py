@@ -33,8 +33,7 @@ MODEL = ["--model", "demo", "--threads", "1", "--no-progress"]
 
 @pytest.fixture(scope="module", autouse=True)
 def demo_model():
-    if not demo_model_available():
-        pytest.skip("the bundled demo model is missing (its weights ship with the package)")
+    assert demo_model_available(), "the bundled demo model's weights ship with the package"
 
 
 @pytest.fixture(scope="module")
