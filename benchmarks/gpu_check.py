@@ -12,7 +12,9 @@ Variants: `exact` (fp32, the model's own forward code: the baseline), `fp32` (th
     agreement (mean IoU of thresholded masks) over a fixed grid of single-point prompts;
   * encoder images/s at batch 1, 8, 32 (`encode_batch`);
   * click latency (one point on a cached embedding, median ms);
-  * hierarchical everything images/s (1024-px inputs, batched encoding) and prompts decoded per image;
+  * hierarchical everything images/s (1024-px inputs, batched encoding) and prompts decoded per image, with
+    post-processing on the device (the default on CUDA) and, for comparison, on the host, and how well the
+    two runs' masks agree;
   * peak GPU memory of the variant's everything run.
 Targets (issue 17): fp16 everything ≥ 50 images/s, encoder ≥ 500 images/s at batch 32, fp16 masks agree
 with fp32 at mean IoU ≥ 0.98.
@@ -135,8 +137,24 @@ def measure(name: str, engine: TorchEngine, reference: TinySamPredictor, images,
                                            device, args.clicks)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    params = {"points_per_side": args.points_per_side, "output_mode": "coco_rle"}
-    list(run_everything(predictor, images[:1], batch_size=1, **params))  # warm-up
+    seconds, results = everything_run(name, predictor, images, args, "device")
+    out["everything_images_per_s"] = len(images) / seconds
+    out["prompts_per_image"] = float(np.mean([r.stats["prompts_decoded"] for r in results]))
+    out["masks_per_image"] = float(np.mean([len(r.records) for r in results]))
+    out["peak_gpu_memory_mib"] = (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
+    out["_records"] = [r.records for r in results]
+    host_seconds, host_results = everything_run(name, predictor, images[: args.host_images], args, "host")
+    out["everything_host_postprocess_images_per_s"] = len(host_results) / host_seconds
+    out["device_vs_host_postprocess_agreement"] = everything_agreement(
+        [r.records for r in results[: len(host_results)]], [r.records for r in host_results])
+    return out
+
+
+def everything_run(name: str, predictor: TinySamPredictor, images, args, postprocess: str):
+    """(seconds, results) of hierarchical everything mode over `images`, after a one-image warm-up."""
+    device = predictor.engine.device
+    params = {"points_per_side": args.points_per_side, "output_mode": "coco_rle", "postprocess": postprocess}
+    list(run_everything(predictor, images[:1], batch_size=1, **params))
     sync(device)
     t = time.perf_counter()
     results = list(run_everything(predictor, images, batch_size=args.everything_batch, **params))
@@ -144,13 +162,8 @@ def measure(name: str, engine: TorchEngine, reference: TinySamPredictor, images,
     seconds = time.perf_counter() - t
     failed = [r.error for r in results if r.error]
     if failed:
-        raise RuntimeError(f"{name}: everything mode failed: {failed[0]}")
-    out["everything_images_per_s"] = len(images) / seconds
-    out["prompts_per_image"] = float(np.mean([r.stats["prompts_decoded"] for r in results]))
-    out["masks_per_image"] = float(np.mean([len(r.records) for r in results]))
-    out["peak_gpu_memory_mib"] = (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None
-    out["_records"] = [r.records for r in results]
-    return out
+        raise RuntimeError(f"{name}: everything mode ({postprocess} post-processing) failed: {failed[0]}")
+    return seconds, results
 
 
 def everything_agreement(records_a, records_b) -> float:
@@ -202,7 +215,8 @@ def report(result: dict) -> None:
           f"{result['image_size']} px, hierarchical everything at {result['points_per_side']} points/side")
     batches = list(result["rows"][0]["encoder_images_per_s"])
     print("variant  emb rel|Δ|  logit |Δ|  mask IoU  " + "  ".join(f"enc b{b} img/s (×)" for b in batches)
-          + "  click ms (×)  everything img/s (×)  prompts/img  peak MiB (×)  masks vs exact")
+          + "  click ms (×)  everything img/s (×)  host-post img/s  dev~host  prompts/img  peak MiB (×)"
+          + "  masks vs exact")
     for row in result["rows"]:
         p, v = row["parity_vs_cpu_exact"], row["vs_exact"]
         enc = "  ".join(f"{row['encoder_images_per_s'][b]:9.1f} ({v['encoder'][b]:.2f})" for b in batches)
@@ -210,7 +224,10 @@ def report(result: dict) -> None:
                else "       -")
         print(f"{row['variant']:<7} {p['embedding_rel_max_abs_diff']:10.2e} {p['logit_max_abs_diff']:10.2e} "
               f"{p['mask_mean_iou']:8.4f}  {enc}  {row['click_latency_ms']:7.2f} ({v['click_speedup']:.2f})  "
-              f"{row['everything_images_per_s']:10.2f} ({v['everything']:.2f})  {row['prompts_per_image']:10.1f}"
+              f"{row['everything_images_per_s']:10.2f} ({v['everything']:.2f})  "
+              f"{row['everything_host_postprocess_images_per_s']:15.2f}  "
+              f"{row['device_vs_host_postprocess_agreement']:8.4f}"
+              f"  {row['prompts_per_image']:10.1f}"
               f"  {mem}  {v['everything_mask_agreement']:.4f}")
 
 
@@ -224,9 +241,11 @@ def main(argv=None) -> int:
     if args.quick:
         args.images, args.image_size, args.batches, args.repeat, args.clicks = 2, None, [1, 2], 1, 3
         args.points_per_side, args.everything_batch, args.parity_images, args.parity_grid = 8, 2, 1, 2
+        args.host_images = 2
     else:
         args.images, args.image_size, args.batches, args.repeat, args.clicks = 64, 1024, [1, 8, 32], 5, 50
         args.points_per_side, args.everything_batch, args.parity_images, args.parity_grid = 32, 8, 2, 4
+        args.host_images = 16
     result = run(args)
     report(result)
     if args.json:

@@ -35,5 +35,8 @@ def test_gpu_check_quick_on_cpu(tiny_random_checkpoint, tmp_path, capsys):
                                                                        row["encoder_images_per_s"].values())
         assert row["click_latency_ms"] > 0 and row["everything_images_per_s"] > 0
         assert row["prompts_per_image"] > 0 and row["peak_gpu_memory_mib"] is None
+        # (the masks of both post-processing paths are compared exactly in test_device_masks.py)
+        assert row["everything_host_postprocess_images_per_s"] > 0
+        assert 0.0 <= row["device_vs_host_postprocess_agreement"] <= 1.0
     text = capsys.readouterr().out
-    assert "everything img/s" in text and "fp32" in text
+    assert "everything img/s" in text and "host-post img/s" in text and "fp32" in text

@@ -35,8 +35,8 @@ class CountingEngine:
         self.encodes += 1
         return self.inner.encode(image)
 
-    def decode(self, *args):
-        return self.inner.decode(*args)
+    def decode(self, *args, **kwargs):
+        return self.inner.decode(*args, **kwargs)
 
     def embedding_nbytes(self, emb):
         return self.inner.embedding_nbytes(emb)

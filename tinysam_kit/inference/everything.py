@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tinysam_kit.data.images import load_image, to_rgb_uint8
+from tinysam_kit.inference import device_masks
 from tinysam_kit.inference.encodings.coco import (
     masks_to_uncompressed_rle,
     rle_area,
@@ -22,7 +23,7 @@ from tinysam_kit.inference.encodings.coco import (
     uncompressed_rle_to_mask,
 )
 from tinysam_kit.inference.nms import masks_to_boxes, single_class_nms
-from tinysam_kit.inference.policy import everything_params, keep_record
+from tinysam_kit.inference.policy import everything_params, keep_record, postprocess_on_device
 from tinysam_kit.inference.predictor import (
     MULTIMASK_TOKENS,
     UPSAMPLE_PIXEL_BUDGET,
@@ -190,15 +191,48 @@ def stage2_points(stage1_normalized: np.ndarray, covered: np.ndarray, points_per
     return np.array(out, dtype=np.float64).reshape(-1, 2)
 
 
-class EverythingGenerator:
-    """Automatic mask generation on top of a `TinySamPredictor` (any engine)."""
+class HostMasks:
+    """The host path's mask operations (NumPy masks), named as their device counterparts in `device_masks`."""
 
-    def __init__(self, predictor: TinySamPredictor, mode: str = "hierarchical", **params) -> None:
+    masks_to_boxes = staticmethod(masks_to_boxes)
+    masks_to_uncompressed_rle = staticmethod(masks_to_uncompressed_rle)
+
+    @staticmethod
+    def masks_per_chunk(img_size: int, original_size: tuple[int, int]) -> int:
+        return max(1, UPSAMPLE_PIXEL_BUDGET // (original_size[0] * original_size[1]))
+
+    @staticmethod
+    def pad_to(masks: np.ndarray, keep: torch.Tensor, full_size: tuple[int, int], x0: int, y0: int) -> np.ndarray:
+        kept = masks[keep.numpy()]
+        out = np.zeros((kept.shape[0], *full_size), dtype=bool)
+        out[:, y0 : y0 + kept.shape[1], x0 : x0 + kept.shape[2]] = kept
+        return out
+
+    @staticmethod
+    def coverage_map(size: tuple[int, int], info) -> np.ndarray:
+        return np.zeros(size, dtype=bool)
+
+    @staticmethod
+    def on_host(coverage: np.ndarray) -> np.ndarray:
+        return coverage
+
+
+class EverythingGenerator:
+    """Automatic mask generation on top of a `TinySamPredictor` (any engine).
+
+    `postprocess`: where masks are made from the decoder's logits — `auto` (on the engine's device when it is
+    an accelerator, see `policy.postprocess_on_device`), `host`, or `device`.
+    """
+
+    def __init__(self, predictor: TinySamPredictor, mode: str = "hierarchical", *, postprocess: str = "auto",
+                 **params) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.predictor = predictor
         self.mode = mode
         self.params = EverythingParams.from_kwargs(**everything_params(predictor.engine.info.model_name, params))
+        self.on_device = postprocess_on_device(predictor.engine.info, postprocess)
+        self.masks = device_masks if self.on_device else HostMasks
         self.stats: dict = {}
 
     # ------------------------------------------------------------- stages
@@ -219,19 +253,21 @@ class EverythingGenerator:
             batch = points[start : start + p.points_per_batch]
             coords = torch.from_numpy(self.predictor.transform_coords(batch, state))[:, None, :]
             labels = torch.ones((len(batch), 1), dtype=torch.float32)
-            low_res, iou = self.predictor.decode(state, coords, labels, tokens=MULTIMASK_TOKENS)
+            low_res, iou = self.predictor.decode(state, coords, labels, tokens=MULTIMASK_TOKENS,
+                                                 keep_on_device=self.on_device)
             self.stats["prompts_decoded"] += len(batch)
             k = iou.shape[1]
             low_res = low_res.reshape(-1, *low_res.shape[-2:])
-            iou = iou.reshape(-1)
+            iou = iou.reshape(-1).cpu()
             batch_points = np.repeat(batch, k, axis=0) + np.array([[x0, y0]])
             keep = iou > p.pred_iou_thresh if p.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
             keep_idx = keep.nonzero().flatten()
             if keep_idx.numel() == 0:
                 continue
-            low_res, iou, batch_points = low_res[keep_idx], iou[keep_idx], batch_points[keep_idx.numpy()]
+            low_res, iou, batch_points = (low_res[keep_idx.to(low_res.device)], iou[keep_idx],
+                                          batch_points[keep_idx.numpy()])
             # masks of a chunk are full-size: bound their number by the pixel budget
-            chunk = max(1, UPSAMPLE_PIXEL_BUDGET // (h * w))
+            chunk = self.masks.masks_per_chunk(self.predictor.img_size, (h, w))
             for first in range(0, len(low_res), chunk):
                 sel = slice(first, first + chunk)
                 stability, masks = self._full_resolution(low_res[sel], state, union)
@@ -239,20 +275,17 @@ class EverythingGenerator:
                     torch.ones_like(stability, dtype=torch.bool)
                 if not ok.any():
                     continue
-                boxes = masks_to_boxes(masks)
+                boxes = self.masks.masks_to_boxes(masks)
                 chunk_iou, chunk_stab, chunk_pts = iou[sel][ok], stability[ok], batch_points[sel][ok.numpy()]
                 if is_crop:
                     edge = boxes_near_crop_edge(boxes, crop_box, [0, 0, full_w, full_h])
                     if edge.all():
                         continue
                     inside = ~edge
-                    masks, boxes = masks[inside.numpy()], boxes[inside]
+                    boxes = boxes[inside] + torch.as_tensor([x0, y0, x0, y0])
                     chunk_iou, chunk_stab, chunk_pts = chunk_iou[inside], chunk_stab[inside], chunk_pts[inside.numpy()]
-                    padded = np.zeros((masks.shape[0], full_h, full_w), dtype=bool)
-                    padded[:, y0 : y0 + h, x0 : x0 + w] = masks
-                    masks = padded
-                    boxes = boxes + torch.as_tensor([x0, y0, x0, y0])
-                out.rles += masks_to_uncompressed_rle(masks)
+                    masks = self.masks.pad_to(masks, inside, (full_h, full_w), x0, y0)
+                out.rles += self.masks.masks_to_uncompressed_rle(masks)
                 out.boxes.append(boxes)
                 out.iou.append(chunk_iou)
                 out.stability.append(chunk_stab)
@@ -260,19 +293,23 @@ class EverythingGenerator:
                 out.crop_boxes += [list(crop_box)] * masks.shape[0]
         return out
 
-    def _full_resolution(self, low_res: torch.Tensor, state: ImageEmbedding, union: np.ndarray | None
-                         ) -> tuple[torch.Tensor, np.ndarray]:
+    def _full_resolution(self, low_res: torch.Tensor, state: ImageEmbedding, union
+                         ) -> tuple[torch.Tensor, np.ndarray | torch.Tensor]:
         """SAM's stability score of every (s, s) logit map at full resolution (IoU of its masks at ±offset),
         and the full-resolution masks of those that pass the stability filter (in order); `union` gains
         their pixels above `high_score_thresh`.
 
-        On small images one batched whole resize is cheapest. Otherwise each map is a `FullResolution`:
-        compact masks are counted and made inside the window where they can be true, without full-size
-        logits; ragged ones are resized whole once, as SAM does.
+        On the device, one batched resize (`device_masks`). On the host, one batched whole resize on small
+        images; otherwise each map is a `FullResolution`: compact masks are counted and made inside the
+        window where they can be true, without full-size logits; ragged ones are resized whole once, as SAM
+        does.
         """
         p = self.params
         img_size, input_size, (h, w) = self.predictor.img_size, state.input_size, state.original_size
         offset = p.stability_score_offset
+        if self.on_device:
+            return device_masks.stability_and_masks(low_res, img_size, input_size, (h, w), offset,
+                                                    p.stability_score_thresh, union, p.high_score_thresh)
 
         def passes(score) -> bool:
             return p.stability_score_thresh <= 0.0 or bool(score >= p.stability_score_thresh)
@@ -349,9 +386,9 @@ class EverythingGenerator:
             cands = self._dense(image, state)
         else:
             grid = build_point_grid(p.points_per_side // 4)
-            union = np.zeros((h, w), dtype=bool)
+            union = self.masks.coverage_map((h, w), self.predictor.engine.info)
             stage1 = self._process_points(state, grid, union)
-            extra = stage2_points(grid, union, p.points_per_side)
+            extra = stage2_points(grid, self.masks.on_host(union), p.points_per_side)
             self.stats.update(stage1_points=len(grid), stage2_points=len(extra), stage1_masks=len(stage1))
             # The official code crashes when stage 1 covers every stage-2 proposal; stage 1 alone is the answer.
             cands = self._process_points(state, extra, None) if len(extra) else Candidates()

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from tinysam_kit.inference.embedding_store import DEFAULT_MAX_BYTES, EmbeddingStore
 from tinysam_kit.models.registry import MODELS, ModelNotAvailableError, cache_dir, resolve_weights
 from tinysam_kit.runtime import ENGINES, PRECISIONS
-from tinysam_kit.runtime.base import BEST_MULTIMASK, SINGLE_MASK_TOKENS
+from tinysam_kit.runtime.base import BEST_MULTIMASK, SINGLE_MASK_TOKENS, EngineInfo
 
 AUTO = "auto"
 DEMO = "demo"
@@ -205,6 +205,20 @@ def keep_record(record: dict, height: int, width: int, max_area_fraction: float 
     if max_area_fraction is None or max_area_fraction >= 1.0:
         return True
     return int(record["area"]) <= max_area_fraction * height * width
+
+
+POSTPROCESS_CHOICES = ("auto", "host", "device")
+
+
+def postprocess_on_device(info: EngineInfo, choice: str = "auto") -> bool:
+    """Whether everything-mode post-processing runs on the engine's device. `auto`: on an accelerator (a
+    PyTorch engine on CUDA), so that only compact masks cross to the host; on the CPU the host path, whose
+    windowed resize is faster there. `device` on a CPU engine runs the device code on the CPU."""
+    if choice not in POSTPROCESS_CHOICES:
+        raise PolicyError(f"postprocess must be one of {', '.join(POSTPROCESS_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice == "device"
+    return info.engine == "torch" and info.device.startswith("cuda")
 
 
 # -------------------------------------------------------------------------------------- embedding store

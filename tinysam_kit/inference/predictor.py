@@ -327,10 +327,12 @@ class TinySamPredictor:
 
     # --------------------------------------------------------------- decoding
     def decode(self, state: ImageEmbedding, coords=None, labels=None, boxes=None, mask_input=None,
-               tokens=ALL_TOKENS):
+               tokens=ALL_TOKENS, keep_on_device: bool = False):
         """Input-frame prompts → (low-res logits (B, K, s, s), IoU predictions (B, K)) of the mask tokens
-        chosen by `tokens` (see `runtime.base`; default all four)."""
-        return self.engine.decode(state.embedding, coords, labels, boxes, mask_input, tokens)
+        chosen by `tokens` (see `runtime.base`; default all four), on the engine's device with
+        `keep_on_device`."""
+        return self.engine.decode(state.embedding, coords, labels, boxes, mask_input, tokens,
+                                  keep_on_device=keep_on_device)
 
     def _decode_prompts(self, image_embedding, point_coords, point_labels, boxes, mask_input, batched=False,
                         tokens=ALL_TOKENS):

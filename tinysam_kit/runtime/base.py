@@ -57,11 +57,14 @@ class Engine(Protocol):
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
         tokens: Sequence[int] = ALL_TOKENS,
+        keep_on_device: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the padded S×S frame: coords (B, N, 2), labels (B, N), boxes (B, 4),
         mask_input (B, 1, 4e, 4e) → logits (B, K, 4e, 4e) and IoU predictions (B, K) of the K mask tokens
         chosen by `tokens`: indices 0–3, or -1 for the multimask token (1–3) with the highest predicted IoU.
-        Engines compute the masks of the chosen tokens only."""
+        Engines compute the masks of the chosen tokens only. With `keep_on_device`, an engine that runs on an
+        accelerator may return both as tensors on it, in its own precision (for device-resident
+        post-processing); otherwise they are CPU float32."""
 
     def embedding_nbytes(self, embedding: Any) -> int:
         """Memory held by an embedding, for the byte-bounded cache."""

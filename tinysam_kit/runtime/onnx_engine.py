@@ -142,7 +142,8 @@ class OnnxEngine:
                  "has_mask_input": np.zeros(1, np.float32)}
         return self.image_side_cache.get(embedding, lambda: self.decoder_image.run(None, feeds))
 
-    def decode(self, embedding, point_coords, point_labels, boxes, mask_input, tokens=ALL_TOKENS):
+    def decode(self, embedding, point_coords, point_labels, boxes, mask_input, tokens=ALL_TOKENS,
+               keep_on_device=False):
         return decode_in_chunks(lambda *a: self._decode(embedding, *a), point_coords, point_labels, boxes,
                                 mask_input, np.asarray(tokens, dtype=np.int64).reshape(-1))
 

@@ -153,7 +153,7 @@ def chosen_tokens(logits: torch.Tensor, iou: torch.Tensor, tokens) -> tuple[torc
     """Logits (B, 4, s, s) and IoU (B, 4) of every token → those of the chosen tokens, (B, K, s, s), (B, K)."""
     if tuple(tokens) == tuple(range(logits.shape[1])):
         return logits, iou
-    index = token_index(iou, torch.as_tensor(tokens, dtype=torch.int64))
+    index = token_index(iou, torch.as_tensor(tokens, dtype=torch.int64, device=iou.device))
     picked = logits.gather(1, index[:, :, None, None].expand(-1, -1, *logits.shape[-2:]))
     return picked, iou.gather(1, index)
 

@@ -197,17 +197,20 @@ class TorchEngine:
             nomask = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
             return self.image_side_cache.get(embedding, lambda: self._image_side(embedding, nomask))
 
-    def decode(self, embedding, point_coords, point_labels, boxes, mask_input, tokens=ALL_TOKENS):
+    def decode(self, embedding, point_coords, point_labels, boxes, mask_input, tokens=ALL_TOKENS,
+               keep_on_device=False):
         if self.exact:
             with torch.inference_mode():
                 points = (self._put(point_coords), self._put(point_labels)) if point_coords is not None else None
                 sparse, dense = self.model.prompt_encoder(points, self._put(boxes), self._put(mask_input))
                 logits, iou = self.model.mask_decoder(embedding, self._dense_pe, sparse, dense)
-                return chosen_tokens(logits.float().cpu(), iou.float().cpu(), tokens)
-        return decode_in_chunks(lambda *a: self._decode_split(embedding, *a), point_coords, point_labels, boxes,
-                                mask_input, torch.as_tensor(tokens, dtype=torch.int64, device=self.device))
+                logits, iou = chosen_tokens(logits, iou.float(), tokens)
+                return (logits, iou) if keep_on_device else (logits.float().cpu(), iou.cpu())
+        return decode_in_chunks(lambda *a: self._decode_split(embedding, *a, keep_on_device=keep_on_device),
+                                point_coords, point_labels, boxes, mask_input,
+                                torch.as_tensor(tokens, dtype=torch.int64, device=self.device))
 
-    def _decode_split(self, embedding, point_coords, point_labels, boxes, mask_input, tokens):
+    def _decode_split(self, embedding, point_coords, point_labels, boxes, mask_input, tokens, keep_on_device=False):
         with torch.inference_mode():
             pe = self.model.prompt_encoder
             points = (self._put(point_coords), self._put(point_labels)) if point_coords is not None else None
@@ -217,7 +220,8 @@ class TorchEngine:
             else:
                 side = self.image_side(embedding)
             logits, iou = self._prompt_side(*side, sparse, tokens)
-            return logits.float().cpu(), chosen_iou(iou, tokens).float().cpu()
+            iou = chosen_iou(iou, tokens).float()
+            return (logits, iou) if keep_on_device else (logits.float().cpu(), iou.cpu())
 
     def embedding_nbytes(self, embedding: torch.Tensor) -> int:
         # The decoder's image-side cache entry lives as long as the embedding: about 2.5× its size.
