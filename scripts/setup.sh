@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-stop setup: .venv with tinysam-kit, ONNX Runtime, torchao (int8 on the torch engine), Ray, the Label Studio
-# backend deps and FiftyOne (including an offline-capable MongoDB). Idempotent; safe to re-run.
+# backend deps, object-storage sources (fsspec + s3fs) and FiftyOne (including an offline-capable MongoDB).
+# Idempotent; safe to re-run.
 #   bash scripts/setup.sh            # everything users need
 #   bash scripts/setup.sh --no-fiftyone
 set -euo pipefail
@@ -24,7 +25,7 @@ PY=.venv/bin/python
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==${TINYSAM_TORCH_VERSION:-2.13.0}"
 fi
-"$PY" -m pip install -q -e ".[onnx,int8,labelstudio,ray,dev]"
+"$PY" -m pip install -q -e ".[onnx,int8,labelstudio,ray,cloud,dev]"
 if [ "$with_fiftyone" = 1 ]; then
     PATH="$PWD/.venv/bin:$PATH" bash .ci/setup_fiftyone.sh
 fi

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-from tinysam_kit.data.images import IMAGE_SUFFIXES, find_images
+from tinysam_kit.data.images import IMAGE_SUFFIXES, LIST_SUFFIXES, find_images
+from tinysam_kit.data.object_store import ObjectStoreError, is_url, list_objects
 
 
 class CliError(Exception):
@@ -139,9 +141,6 @@ def parse_box(text: str) -> list[float]:
     return values
 
 
-LIST_SUFFIXES = (".txt", ".lst")
-
-
 def list_images(path: Path) -> list[Path]:
     """The images a command's source names: one image file, a folder (searched recursively), or a list file
     (`.txt`/`.lst`: one path per line, relative to the list's folder or absolute; blank lines and `#` comments
@@ -184,3 +183,45 @@ def images_root(source: Path, images: list[Path]) -> Path:
     if images == [source]:
         return source.parent
     return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in images]))
+
+
+def source_images(source: str | Path, storage_options: dict | None = None) -> tuple[list, Path | str]:
+    """(images, root) for a command's source: `list_images` and `images_root` for a local path; for an
+    object-storage URL (`s3://bucket/prefix/`, ...) the same choices over objects: image URLs and the root URL
+    their output names are relative to."""
+    if is_url(source):
+        try:
+            return list_objects(source, storage_options)
+        except ObjectStoreError as exc:
+            raise CliError(str(exc)) from exc
+    images = list_images(Path(source))
+    return images, images_root(Path(source), images)
+
+
+def add_storage_option_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="with an object-storage URL as source: an fsspec storage option, e.g. "
+                             "endpoint_url=http://minio:9000 or anon=true (values are JSON where they parse, "
+                             "else text; a.b=1 sets {'a': {'b': 1}}); repeatable. Default: the filesystem's own "
+                             "configuration (AWS_* environment variables, ~/.aws)")
+
+
+def storage_options(pairs: list[str]) -> dict:
+    """`--storage-option KEY=VALUE` flags as fsspec storage options."""
+    options: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--storage-option needs KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, last = key.strip().split(".")
+        target = options
+        for name in parents:
+            target = target.setdefault(name, {})
+            if not isinstance(target, dict):
+                raise CliError(f"--storage-option {pair!r}: {name} is already set to a value")
+        target[last] = value
+    return options

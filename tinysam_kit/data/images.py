@@ -11,6 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = int(os.environ.get("TINYSAM_MAX_IMAGE_PIXELS", 300_000_000))
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+LIST_SUFFIXES = (".txt", ".lst")  # a source with one of these suffixes is a list of images, one per line
 
 
 def find_images(folder: str | os.PathLike) -> list[Path]:
@@ -77,7 +78,9 @@ def load_image(source, name: str | None = None) -> np.ndarray:
             return _pil_to_array(img, name)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:  # its message names the file object, e.g. <_io.BytesIO at 0x...>
+        raise ImageError(f"{name}: cannot decode image (not a format Pillow reads, or not an image)") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tinysam_kit.data.images import load_image
+from tinysam_kit.data.object_store import is_url, relative_key
 from tinysam_kit.inference.everything import EverythingGenerator
 from tinysam_kit.inference.predictor import ImageEmbedding, TinySamPredictor
 
@@ -254,9 +255,18 @@ def merge_coco(paths: list[Path]) -> dict:
 MERGED_NAME = "annotations.json"
 
 
-def coco_key(path: Path, root: Path) -> str:
-    """An image's key in a COCO folder: its path under `root` without suffix, folders joined by `__`."""
-    return str(Path(path).relative_to(root).with_suffix("")).replace(os.sep, "__")
+def relative_name(item, root) -> str:
+    """An image's path under `root`: a file's under its folder, or an object URL's under its root URL
+    (`object_store.relative_key`, '/'-separated); the COCO `file_name`."""
+    if is_url(root):
+        return relative_key(str(item), root)
+    return str(Path(item).relative_to(root))
+
+
+def coco_key(path: Path | str, root: Path | str) -> str:
+    """An image's key in a COCO folder: its path under `root` (a folder, or a root URL for object URLs)
+    without suffix, folders joined by `__`."""
+    return str(Path(relative_name(path, root)).with_suffix("")).replace(os.sep, "__")
 
 
 class CocoFolderSink:
@@ -265,15 +275,17 @@ class CocoFolderSink:
     Segmentations are compressed RLE, or COCO polygons (one per connected part, holes filled) when a
     `polygon_tolerance` (pixels) is given.
 
-    `root` turns a result's item (the image path) into the COCO `file_name`; `info` (mode, params) goes into
-    every document with the result's model version and stats.
+    `root` turns a result's item (the image path, or object URL under a root URL) into the COCO `file_name`;
+    `info` (mode, params) goes into every document with the result's model version and stats. Previews read
+    the image again with `load` (which must pickle where the sink travels to worker processes).
     """
 
     def __init__(self, out_dir: str | os.PathLike, root: str | os.PathLike, *, info: dict | None = None,
                  previews: bool = True, order: Sequence[str] | None = None,
-                 polygon_tolerance: float | None = None) -> None:
+                 polygon_tolerance: float | None = None, load: Callable[[Any], np.ndarray] = load_image) -> None:
         self.out_dir = Path(out_dir)
-        self.root = Path(root)
+        self.root = root if is_url(root) else Path(root)
+        self.load = load
         self.info = dict(info or {})
         self.polygon_tolerance = polygon_tolerance
         if polygon_tolerance is not None:
@@ -294,19 +306,19 @@ class CocoFolderSink:
         from tinysam_kit.inference.encodings.coco import coco_rle_to_mask
         from tinysam_kit.inference.encodings.polygons import mask_to_parts
 
-        source = Path(result.item)
+        source = result.item if is_url(result.item) else Path(result.item)
         records = result.records
         if self.polygon_tolerance is not None:
             records = [{**r, "segmentation": mask_to_parts(coco_rle_to_mask(r["segmentation"]),
                                                            tolerance=self.polygon_tolerance)} for r in records]
-        doc = coco_document(str(source.relative_to(self.root)), result.height, result.width, records)
+        doc = coco_document(relative_name(source, self.root), result.height, result.width, records)
         doc["info"] = {"model_version": result.model_version, **self.info, "stats": result.stats}
         target = self.json_path(key)
         if self.previews:
             masks = [coco_rle_to_mask(r["segmentation"]) for r in result.records]
             buffer = io.BytesIO()
-            Image.fromarray(overlay(load_image(source), masks)).save(buffer, format="PNG",
-                                                                     compress_level=PREVIEW_PNG_LEVEL)
+            Image.fromarray(overlay(self.load(source), masks)).save(buffer, format="PNG",
+                                                                    compress_level=PREVIEW_PNG_LEVEL)
             write_atomic(target.with_name(target.stem + "_overlay.png"), buffer.getvalue())
         # The JSON is written last: its presence marks the image as done for resumed runs.
         write_atomic(target, json.dumps(doc).encode())

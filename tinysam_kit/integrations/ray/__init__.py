@@ -8,7 +8,8 @@
     summary = run_everything_on_ray(items, sink, address="auto", options=EngineOptions(model="tinysam"))
     sink.close()  # the merged annotations.json
 
-`items` maps each image's key to where every node can read it (a path on a shared filesystem). The pipeline
+`items` maps each image's key to where every node can read it: a path on a shared filesystem, or an
+object URL read with `load=ObjectLoader(storage_options)` (`tinysam_kit.data.object_store`). The pipeline
 is Ray Data: light CPU tasks read and decode the images, an autoscaling pool of actors with one model each
 (`num_gpus=1` per actor where the cluster has GPUs, otherwise `--threads` CPUs each) runs everything mode,
 and the driver hands each finished image to the sink. `iter_everything_on_ray` yields `(key, result)` pairs
