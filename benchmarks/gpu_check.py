@@ -14,7 +14,8 @@ Variants: `exact` (fp32, the model's own forward code: the baseline), `fp32` (th
   * click latency (one point on a cached embedding, median ms);
   * hierarchical everything images/s (1024-px inputs, batched encoding) and prompts decoded per image, with
     post-processing on the device (the default on CUDA) and, for comparison, on the host, and how well the
-    two runs' masks agree;
+    two runs' masks agree, and (optimised variants) with the other device kind's prompts per decoder call
+    (4 on CPU, 64 on CUDA) on the same images;
   * peak GPU memory of the variant's everything run.
 Targets (issue 17): fp16 everything ≥ 50 images/s, encoder ≥ 500 images/s at batch 32, fp16 masks agree
 with fp32 at mean IoU ≥ 0.98.
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from tinysam_kit.inference.batch import embed_many, run_everything  # noqa: E402
 from tinysam_kit.inference.predictor import TinySamPredictor  # noqa: E402
 from tinysam_kit.runtime import TorchEngine  # noqa: E402
+from tinysam_kit.runtime.split_decoder import GPU_PROMPT_CHUNK, PROMPT_CHUNK  # noqa: E402
 
 
 def load_network(name: str):
@@ -147,7 +149,27 @@ def measure(name: str, engine: TorchEngine, reference: TinySamPredictor, images,
     out["everything_host_postprocess_images_per_s"] = len(host_results) / host_seconds
     out["device_vs_host_postprocess_agreement"] = everything_agreement(
         [r.records for r in results[: len(host_results)]], [r.records for r in host_results])
+    if not engine.exact:
+        out["prompt_chunk"] = prompt_chunk_comparison(name, predictor, images[: args.host_images], args)
     return out
+
+
+def prompt_chunk_comparison(name: str, predictor: TinySamPredictor, images, args) -> dict:
+    """Everything-mode images/s with the engine's prompts per decoder call and with the other device kind's
+    (4 on CPU, 64 on CUDA), on the same images."""
+    engine = predictor.engine
+    default = engine.prompt_chunk
+    other = PROMPT_CHUNK if default != PROMPT_CHUNK else GPU_PROMPT_CHUNK
+    speeds = {}
+    for chunk in (default, other):
+        engine.prompt_chunk = chunk
+        try:
+            seconds, results = everything_run(name, predictor, images, args, "device")
+        finally:
+            engine.prompt_chunk = default
+        speeds[chunk] = len(results) / seconds
+    return {"default": default, "other": other, "default_images_per_s": speeds[default],
+            "other_images_per_s": speeds[other]}
 
 
 def everything_run(name: str, predictor: TinySamPredictor, images, args, postprocess: str):
@@ -216,7 +238,7 @@ def report(result: dict) -> None:
     batches = list(result["rows"][0]["encoder_images_per_s"])
     print("variant  emb rel|Δ|  logit |Δ|  mask IoU  " + "  ".join(f"enc b{b} img/s (×)" for b in batches)
           + "  click ms (×)  everything img/s (×)  host-post img/s  dev~host  prompts/img  peak MiB (×)"
-          + "  masks vs exact")
+          + "  masks vs exact  img/s by prompts per call")
     for row in result["rows"]:
         p, v = row["parity_vs_cpu_exact"], row["vs_exact"]
         enc = "  ".join(f"{row['encoder_images_per_s'][b]:9.1f} ({v['encoder'][b]:.2f})" for b in batches)
@@ -228,7 +250,15 @@ def report(result: dict) -> None:
               f"{row['everything_host_postprocess_images_per_s']:15.2f}  "
               f"{row['device_vs_host_postprocess_agreement']:8.4f}"
               f"  {row['prompts_per_image']:10.1f}"
-              f"  {mem}  {v['everything_mask_agreement']:.4f}")
+              f"  {mem}  {v['everything_mask_agreement']:.4f}  {chunk_speeds(row)}")
+
+
+def chunk_speeds(row: dict) -> str:
+    chunk = row.get("prompt_chunk")
+    if not chunk:
+        return "-"
+    return (f"{chunk['default']}: {chunk['default_images_per_s']:.2f}, "
+            f"{chunk['other']}: {chunk['other_images_per_s']:.2f}")
 
 
 def main(argv=None) -> int:

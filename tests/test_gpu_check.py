@@ -38,5 +38,8 @@ def test_gpu_check_quick_on_cpu(tiny_random_checkpoint, tmp_path, capsys):
         # (the masks of both post-processing paths are compared exactly in test_device_masks.py)
         assert row["everything_host_postprocess_images_per_s"] > 0
         assert 0.0 <= row["device_vs_host_postprocess_agreement"] <= 1.0
+    assert "prompt_chunk" not in exact
+    assert fp32["prompt_chunk"]["default"] == 4 and fp32["prompt_chunk"]["other"] == 64
+    assert fp32["prompt_chunk"]["default_images_per_s"] > 0 and fp32["prompt_chunk"]["other_images_per_s"] > 0
     text = capsys.readouterr().out
     assert "everything img/s" in text and "host-post img/s" in text and "fp32" in text

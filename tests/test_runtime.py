@@ -185,7 +185,7 @@ def test_an_engine_in_another_precision_leaves_the_callers_model_alone(tiny_mode
 
 
 def test_large_batches_are_decoded_in_chunks(tiny_model):
-    from tinysam_kit.runtime.split_decoder import PROMPT_CHUNK
+    from tinysam_kit.runtime.split_decoder import GPU_PROMPT_CHUNK, PROMPT_CHUNK
 
     engine = TorchEngine(tiny_model, device="cpu")
     emb = engine.encode(torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3)))
@@ -200,3 +200,9 @@ def test_large_batches_are_decoded_in_chunks(tiny_model):
         assert logits.shape == (batch, 4, 64, 64) and iou.shape == (batch, 4)
         assert (logits - ref_logits).abs().max().item() <= 1e-4 + 2e-6 * ref_logits.abs().max().item()
         assert (iou - ref_iou).abs().max().item() <= 1e-5
+    # a GPU engine's chunk (the whole batch in one call) gives the same answers
+    assert engine.prompt_chunk == PROMPT_CHUNK
+    engine.prompt_chunk = GPU_PROMPT_CHUNK
+    whole_logits, whole_iou = engine.decode(emb, coords, labels, None, None)
+    chunked_logits, chunked_iou = TorchEngine(tiny_model, device="cpu").decode(emb, coords, labels, None, None)
+    assert torch.allclose(whole_logits, chunked_logits, atol=1e-5) and torch.allclose(whole_iou, chunked_iou, atol=1e-6)

@@ -322,9 +322,12 @@ def points_with_boxes(point_coords: torch.Tensor | None, point_labels: torch.Ten
 
 # Prompts decoded per call. The per-prompt upscaling tensors are ~8 MB each at 1024 px input (16·HW × 32
 # floats), so large batches are memory-bound and pin memory (in ONNX Runtime's arena for the session's life).
-# 4 per call keep everything mode's peak memory lower than 8 at the same speed (benchmarks/bench_core.py
-# reports time and peak RSS; docs/runtime.md).
+# 4 per call keep everything mode's peak memory lower than 8 at the same speed on CPU (benchmarks/bench_core.py
+# reports time and peak RSS; docs/runtime.md). A GPU runs each call as a few hundred small kernels whose launch
+# cost does not grow with the batch: there a whole everything-mode batch (64 prompts, 0.5 GB at 1024 px in fp32)
+# goes in one call.
 PROMPT_CHUNK = 4
+GPU_PROMPT_CHUNK = 64
 
 
 def decode_in_chunks(decode_fn, point_coords, point_labels, boxes, mask_input, tokens,

@@ -15,6 +15,8 @@ from tinysam_kit.models.sam import TinySam
 from tinysam_kit.runtime.base import ALL_TOKENS, EngineInfo, EngineUnavailableError
 from tinysam_kit.runtime.cpu import cpu_has_native_bf16
 from tinysam_kit.runtime.split_decoder import (
+    GPU_PROMPT_CHUNK,
+    PROMPT_CHUNK,
     DecoderImageSide,
     DecoderPromptSide,
     chosen_iou,
@@ -134,6 +136,7 @@ class TorchEngine:
             torch.set_num_threads(int(threads))
         self.threads = torch.get_num_threads()
         self.exact = exact
+        self.prompt_chunk = PROMPT_CHUNK if self.device.type == "cpu" else GPU_PROMPT_CHUNK  # prompts per call
         # A model on another device or in another precision is converted as a copy: `Module.to` works in
         # place, and the caller's fp32 model must stay what it was.
         moved = any(p.device != self.device or p.dtype != self.dtype for p in model.parameters())
@@ -208,7 +211,7 @@ class TorchEngine:
                 return (logits, iou) if keep_on_device else (logits.float().cpu(), iou.cpu())
         return decode_in_chunks(lambda *a: self._decode_split(embedding, *a, keep_on_device=keep_on_device),
                                 point_coords, point_labels, boxes, mask_input,
-                                torch.as_tensor(tokens, dtype=torch.int64, device=self.device))
+                                torch.as_tensor(tokens, dtype=torch.int64, device=self.device), self.prompt_chunk)
 
     def _decode_split(self, embedding, point_coords, point_labels, boxes, mask_input, tokens, keep_on_device=False):
         with torch.inference_mode():
