@@ -159,7 +159,7 @@ def test_prelabel_in_worker_processes_writes_what_one_process_writes(env, tmp_pa
         one = tinysam(env, *common, "--dataset", names[0], "--workers", "1")
         two = tinysam(env, *common, "--dataset", names[1], "--workers", "2")
         assert one.returncode == two.returncode == 1, two.stderr  # the broken file
-        assert "(2 worker processes)" in two.stderr and "5 sample(s) segmented" in two.stdout
+        assert "2 model processes" in two.stdout and "5 sample(s) segmented" in two.stdout
         a, b = fo.load_dataset(names[0]), fo.load_dataset(names[1])
         want = dict(zip(a.values("filepath"), a.values("tinysam")))
         got = dict(zip(b.values("filepath"), b.values("tinysam")))

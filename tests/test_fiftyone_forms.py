@@ -261,8 +261,13 @@ def test_everything_form_offers_a_ray_cluster_and_prompt_runs_refuse_one(fo, dat
 
     props = form("segment_everything", dataset, {})
     assert props["ray_address"]["view"]["label"] == "Ray cluster (optional)" and "batch_size" not in props
+    assert props["workers"]["default"] == "auto" and props["workers"]["view"]["label"] == "Model processes"
+    assert not props["workers"].get("invalid")
+    bad = form("segment_everything", dataset, {"workers": "0"})["workers"]
+    assert bad["invalid"] and "'auto' or a positive integer" in bad["error_message"]
     on_ray = form("segment_everything", dataset, {"ray_address": "auto"})
     assert on_ray["batch_size"]["default"] == 1 and "ray_missing" not in on_ray  # ray is installed here
+    assert "workers" not in on_ray  # the cluster's actor pool does the work
     with pytest.raises(RunError, match="a Ray address or worker processes apply to everything mode only"):
         validate_spec(dataset, RunSpec("prompts", "masks", box_field="gt", ray_address="auto"))
     with pytest.raises(RunError, match="the Ray address is empty"):

@@ -82,6 +82,7 @@ def test_segment_everything_immediate_matches_core(dataset, tiny_random_checkpoi
                                                                   instance_map_field="sam_ids"))
     assert result.error is None, result.error
     assert result.result["processed"] == 4 and result.result["failed"] == 0
+    assert result.result["workers"] == 1  # `auto` keeps 4 images in the operation's own process
     params = policy_params(predictor.model_name, FAST, prelabel=True)  # pre-labelling drops near-whole masks
     assert params["max_area_fraction"] < 1
     for sample in dataset:
@@ -101,6 +102,27 @@ def test_segment_everything_immediate_matches_core(dataset, tiny_random_checkpoi
     info = dataset.get_run_info("tinysam_sam").config.serialize()
     assert info["model_version"] == predictor.model_version
     assert info["precision"] == "fp32" and info["parameters"]["everything"]["points_per_side"] == 8
+
+
+@pytest.mark.slow
+def test_segment_everything_in_model_processes_writes_what_one_process_writes(fo, images, tiny_random_checkpoint):
+    """'Model processes' 2: two spawned processes compute, the operation's process alone writes; the labels
+    equal a one-process run's."""
+    datasets = [fo.Dataset() for _ in range(2)]
+    try:
+        for ds in datasets:
+            ds.add_samples([fo.Sample(filepath=str(p)) for p in images], progress=False)
+        one = run("segment_everything", datasets[0], everything_params(tiny_random_checkpoint, workers="1"))
+        two = run("segment_everything", datasets[1], everything_params(tiny_random_checkpoint, workers="2"))
+        assert one.error is None and two.error is None, (one.error, two.error)
+        assert one.result["workers"] == 1 and two.result["workers"] == 2 and two.result["processed"] == 4
+        assert field_content(datasets[0], "sam") == field_content(datasets[1], "sam")
+        assert all(content for content in field_content(datasets[1], "sam"))
+        with pytest.raises(Exception, match="model processes must be 'auto' or a positive integer"):
+            run("segment_everything", datasets[1], everything_params(tiny_random_checkpoint, workers="two"))
+    finally:
+        for ds in datasets:
+            ds.delete()
 
 
 def test_everything_writes_masks_to_disk(dataset, tiny_random_checkpoint, tmp_path):

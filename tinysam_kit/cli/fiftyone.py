@@ -19,7 +19,6 @@ from tinysam_kit.cli.common import (
     add_workers_argument,
     apply_offline,
     check_ray_arguments,
-    choose_workers,
     list_images,
     resolve_model_choice,
 )
@@ -105,12 +104,6 @@ def install_plugin(args) -> int:
     return 0
 
 
-def _samples_to_do(dataset, args) -> int:
-    if args.overwrite or args.field not in dataset.get_field_schema():
-        return len(dataset)
-    return len(dataset.exists(args.field, False))
-
-
 def prelabel(args) -> int:
     try:
         images = list_images(Path(args.image_dir).expanduser())
@@ -157,14 +150,13 @@ def prelabel(args) -> int:
                    output="polylines" if args.polylines else "detections",
                    instance_map_field=args.instance_map_field, mask_dir=args.masks_dir, overwrite=args.overwrite,
                    ray_address=args.ray, ray_actors=args.ray_actors, batch_size=args.batch_size,
-                   workers=1 if args.ray else choose_workers(args, _samples_to_do(dataset, args)))
+                   workers=args.workers)
     bar = None
 
     def progress(n: int, total: int, name: str) -> None:
         nonlocal bar
         if bar is None:
-            workers = f" ({spec.workers} worker processes)" if spec.workers > 1 else ""
-            bar = tqdm(total=total, unit="img", desc=f"TinySAM → {args.field}{workers}", disable=args.no_progress)
+            bar = tqdm(total=total, unit="img", desc=f"TinySAM → {args.field}", disable=args.no_progress)
         bar.update(n - bar.n)
         bar.set_postfix_str(name, refresh=False)
 

@@ -78,7 +78,9 @@ class RunSpec:
     ray_address: str | None = None
     ray_actors: int | None = None  # grow the actor pool up to this many (default: what the cluster holds)
     batch_size: int = 1  # images per encoder call on the cluster's actors
-    workers: int = 1  # everything mode in this many model processes on this machine (1: in this process)
+    # everything mode in this many model processes on this machine (1: in this process); 'auto': the number
+    # `inference.batch.auto_workers` chooses for the samples still to do
+    workers: int | str = 1
 
     def everything_params(self, model_name: str) -> dict:
         """The everything-mode parameters this run uses with `model_name` (pre-labelling rules)."""
@@ -129,6 +131,7 @@ class RunSummary:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     operation_id: str | None = None  # the delegated operation, when run by a worker
+    workers: int = 1  # model processes on this machine that ran everything mode (1: the running process)
 
     @property
     def images_per_minute(self) -> float:
@@ -151,6 +154,8 @@ class RunSummary:
             parts.append(f"{len(self.errors)} failed, tagged '{FAILED_TAG}' (e.g. {first['error']})")
         parts.append(f"model: {self.model}" + (" (the bundled demo model: `auto` found no official weights)"
                                                 if self.model_note else ""))
+        if self.workers > 1:
+            parts.append(f"{self.workers} model processes")
         return "; ".join(parts)
 
 
@@ -215,12 +220,14 @@ def validate_spec(samples, spec: RunSpec) -> None:
             raise RunError(f"mode must be 'hierarchical' or 'dense', got {spec.mode!r}")
         if spec.ray_address is not None and not str(spec.ray_address).strip():
             raise RunError("the Ray address is empty: give 'auto' or HOST:PORT, or none to run in this process")
-        if spec.batch_size < 1 or spec.workers < 1 or (spec.ray_actors is not None and spec.ray_actors < 1):
-            raise RunError("batch size, worker processes and Ray actors must be positive integers")
-        if spec.workers > 1 and spec.ray_address:
+        workers_ok = spec.workers == "auto" or (isinstance(spec.workers, int) and spec.workers >= 1)
+        if spec.batch_size < 1 or not workers_ok or (spec.ray_actors is not None and spec.ray_actors < 1):
+            raise RunError("batch size, worker processes and Ray actors must be positive integers "
+                           f"(worker processes may also be 'auto'); got workers {spec.workers!r}")
+        if spec.workers not in (1, "auto") and spec.ray_address:
             raise RunError("worker processes run on this machine; on a Ray cluster the actor pool does the work")
         return
-    if spec.ray_address or spec.workers > 1:
+    if spec.ray_address or spec.workers not in (1, "auto"):
         raise RunError("prompt runs execute in this process; a Ray address or worker processes apply to "
                        "everything mode only")
     if not spec.box_field and not spec.point_field:
@@ -482,7 +489,8 @@ def iter_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None
     ids, paths, already = plan_run(samples, spec, predictor, remedy)
     choice = predictor.model_choice
     summary = RunSummary(spec.label_field, run_key_for(spec.label_field), total=len(ids) + already,
-                         already_done=already, model=choice.name, model_note=choice.note, operation_id=operation_id)
+                         already_done=already, model=choice.name, model_note=choice.note, operation_id=operation_id,
+                         workers=_workers_for(spec, predictor, len(ids)))
     _record_run(dataset, spec, predictor, summary)
     last_beat = [time.monotonic()]
     succeeded: list[str] = []
@@ -495,8 +503,8 @@ def iter_segmentation(samples, spec: RunSpec, predictor: TinySamPredictor | None
 
     if spec.ray_address:
         outcomes = _ray_outcomes(spec, predictor, ids, paths)
-    elif spec.workers > 1 and len(ids) > 1:
-        outcomes = _worker_outcomes(spec, predictor, ids, paths)
+    elif summary.workers > 1:
+        outcomes = _worker_outcomes(spec, predictor, ids, paths, summary.workers)
     else:
         outcomes = _local_outcomes(samples, spec, predictor, ids, paths, summary)
     writer = _Writer(dataset, spec, spec.write_batch, on_flush=beat)
@@ -576,16 +584,29 @@ def _ray_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str],
         raise RunError(str(exc)) from exc
 
 
-def _worker_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str],
-                     paths: list[str]) -> Iterator[tuple[str, str, Outcome]]:
-    """(sample id, filepath, outcome) per sample, as `spec.workers` model processes on this machine finish them
+def _workers_for(spec: RunSpec, predictor: TinySamPredictor, todo: int) -> int:
+    """Model processes for this run's everything mode on this machine: 1 for prompt runs, Ray runs and a
+    single sample; `auto` as `inference.batch.auto_workers` decides for this engine's device."""
+    from tinysam_kit.inference.batch import auto_workers
+
+    if spec.task != "everything" or spec.ray_address or todo < 2:
+        return 1
+    if spec.workers == "auto":
+        device = predictor.engine.info.device.split(":")[0]
+        return auto_workers(todo, device=device, threads=spec.options.threads)
+    return min(int(spec.workers), todo)
+
+
+def _worker_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str], paths: list[str],
+                     workers: int) -> Iterator[tuple[str, str, Outcome]]:
+    """(sample id, filepath, outcome) per sample, as `workers` model processes on this machine finish them
     (each with `threads` or its share of the cores); this process stays the only database writer."""
     from tinysam_kit.inference.batch import run_everything_workers, usable_cores
 
-    threads = spec.options.threads or max(1, usable_cores() // spec.workers)
+    threads = spec.options.threads or max(1, usable_cores() // workers)
     options = replace(spec.options, model=predictor.model_choice.name, threads=threads)
     path_of = dict(zip(ids, paths))
-    for outcome in run_everything_workers(options, list(path_of.items()), None, workers=spec.workers,
+    for outcome in run_everything_workers(options, list(path_of.items()), None, workers=workers,
                                           mode=spec.mode, output_mode="coco_rle",
                                           **spec.everything_params(predictor.model_name)):
         result = outcome.result if outcome.result is not None else PrelabelResult(outcome.item, None, outcome.error)

@@ -162,18 +162,44 @@ def _everything_spec(ctx) -> RunSpec:
     return RunSpec(**_common_spec(ctx, "everything"), mode=p.get("mode") or "hierarchical",
                    everything=everything, label=p.get("label") or "object",
                    instance_map_field=(p.get("instance_map_field") or "").strip() or None,
-                   ray_address=ray_address, batch_size=batch_size)
+                   ray_address=ray_address, batch_size=batch_size,
+                   workers="auto" if ray_address else _workers_value(p.get("workers")))
 
 
-def _ray_inputs(ctx, inputs: types.Object) -> None:
-    """Optional Ray cluster for dataset-wide everything mode; says at once when Ray is not installed."""
+def _workers_value(value) -> int | str:
+    """The form's model processes: 'auto' (also when left empty) or a positive integer."""
+    text = str(value if value is not None else "").strip().lower() or "auto"
+    if text == "auto":
+        return text
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise RunError(f"model processes must be 'auto' or a positive integer, got {value!r}")
+    return workers
+
+
+def _scale_inputs(ctx, inputs: types.Object) -> None:
+    """Where dataset-wide everything mode runs: model processes on the machine running the operation, or an
+    optional Ray cluster (says at once when Ray is not installed)."""
     import importlib.util
 
     inputs.str("ray_address", required=False, label="Ray cluster (optional)",
                description="Run the model on a Ray cluster: 'auto' (the cluster the process running this operation "
                            "finds) or HOST:PORT. Every node must read the samples' files (shared storage). Empty: "
-                           "run here")
+                           "run on the machine running this operation")
     if not str(ctx.params.get("ray_address") or "").strip():
+        try:
+            _workers_value(ctx.params.get("workers"))
+            problem = ""
+        except RunError as exc:
+            problem = str(exc)
+        inputs.str("workers", default="auto", label="Model processes",
+                   description="Processes sharing the images on the machine running this operation, each with its "
+                               "own model. auto: one per CPU core, but at most one per 8 images to do and one per "
+                               "GiB of free memory, and one on a GPU. 1: in the operation's own process",
+                   invalid=bool(problem), error_message=problem)
         return
     if importlib.util.find_spec("ray") is None:
         inputs.view("ray_missing", types.Error(
@@ -317,7 +343,7 @@ class SegmentEverything(_LongOperator):
         inputs.str("instance_map_field", required=False, label="Instance map field (optional)",
                    description="Also write a Segmentation whose pixel values are instance numbers")
         _output_inputs(ctx, inputs, "tinysam_everything", spec)
-        _ray_inputs(ctx, inputs)
+        _scale_inputs(ctx, inputs)
         return types.Property(inputs, view=types.View(label="TinySAM: Segment everything"))
 
     def resolve_run_name(self, ctx):
