@@ -326,8 +326,8 @@ def test_selected_label_masks_show_in_the_open_modal(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_immediate_run_shows_progress_in_the_app(tmp_path, tiny_random_checkpoint):
-    """*Execute* (not Schedule): the operator's panel shows FiftyOne's progress bar with "n/total images
-    segmented" while it runs, then the summary and a notification."""
+    """*Execute* (not Schedule), in two model processes started by the App server: the operator's panel shows
+    FiftyOne's progress bar with "n/total images segmented" while it runs, then the summary and a notification."""
     require_browser()
     info = fiftyone_env()
     import fiftyone as fo
@@ -343,12 +343,15 @@ def test_immediate_run_shows_progress_in_the_app(tmp_path, tiny_random_checkpoin
         with app_page(ARTIFACTS / "fiftyone_immediate_failure.png") as page:
             open_dataset(page, server.port, name)
             fill_everything_form(page, tiny_random_checkpoint, "16", "sam_now")
+            field_input(page, "Model processes").fill("2")
+            page.wait_for_timeout(1500)
             page.get_by_role("button", name="Schedule").locator("xpath=following-sibling::*[1]").click()
             page.get_by_text("Run this operation synchronously").click()
             page.get_by_role("button", name="Execute").first.click()
             page.get_by_text("images segmented").first.wait_for(timeout=120_000)
             page.screenshot(path=str(shots["progress"]))
             page.get_by_text("sample(s) segmented into 'sam_now'").first.wait_for(timeout=300_000)
+            page.get_by_text("2 model processes").first.wait_for(timeout=10_000)
             page.wait_for_timeout(500)
             page.screenshot(path=str(shots["done"]))
         dataset.reload()

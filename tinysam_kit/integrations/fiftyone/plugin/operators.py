@@ -293,6 +293,7 @@ def _summary_outputs() -> types.Property:
     outputs.int("failed", label="Failed")
     outputs.int("masks", label="Masks written")
     outputs.float("images_per_minute", label="Images per minute")
+    outputs.int("workers", label="Model processes")
     return types.Property(outputs)
 
 
