@@ -5,6 +5,7 @@ single-process pipeline, all measured in one run on this machine.
     python benchmarks/bench_scale.py                        # 16 images 480×640, demo model, 16 points/side
     python benchmarks/bench_scale.py --images 32 --points-per-side 16 --json out.json
     python benchmarks/bench_scale.py --no-ray               # one machine only (Ray needs root for its netns)
+    python benchmarks/bench_scale.py --ray-only --ray-worker-niceness 0   # Ray's actors at the driver's priority
 
 Every model runs with one thread on one pinned core (`taskset`): the single process on core 0, Ray worker
 node 1 on core 0 and node 2 on core 1 (each a `--num-cpus=1` node; the head holds no CPUs, so all actors run
@@ -206,8 +207,11 @@ def ray_driver(args) -> dict:
 def measure_ray(args, workers: int) -> dict:
     from ray_helpers import LoopbackCluster
 
-    with LoopbackCluster(workers=[1] * workers, head_cpus=0, cpu_sets=[str(i % os.cpu_count()) for i in
-                                                                        range(workers)]) as cluster:
+    # Ray starts its worker processes at nice 15 (RAY_worker_niceness), below the driver and Ray's own daemons
+    # that share these cores; --ray-worker-niceness sets it for the measurement
+    env = {} if args.ray_worker_niceness is None else {"RAY_worker_niceness": str(args.ray_worker_niceness)}
+    with LoopbackCluster(workers=[1] * workers, head_cpus=0, env=env,
+                         cpu_sets=[str(i % os.cpu_count()) for i in range(workers)]) as cluster:
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, __file__, "--ray-driver", cluster.address, "--src", args.src, "--out", out,
                    "--model", args.model, "--points-per-side", str(args.points_per_side)]
@@ -236,6 +240,9 @@ def main() -> int:
     ap.add_argument("--points-per-side", type=int, default=16)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray part (it needs root for its netns)")
+    ap.add_argument("--ray-only", action="store_true", help="only the Ray part (one node, then two)")
+    ap.add_argument("--ray-worker-niceness", type=int, default=None,
+                    help="nice value of Ray's worker processes (default: Ray's own, 15)")
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--single-worker", action="store_true", help=argparse.SUPPRESS)
@@ -257,6 +264,16 @@ def main() -> int:
         pin0 = ["taskset", "-c", "0"]
         print(f"{args.images} images {args.width}×{args.height}, model {args.model}, {args.points_per_side} "
               f"points/side, hierarchical; CPU: {cpu_name()} ({os.cpu_count()} cores)", flush=True)
+        if args.ray_only:
+            reason = ray_missing_reason()
+            if reason:
+                raise SystemExit(f"--ray-only: {reason}")
+            results = {"cpu": cpu_name(), "images": args.images, "ray_worker_niceness": args.ray_worker_niceness,
+                       "ray_1_node": measure_ray(args, 1), "ray_2_nodes": measure_ray(args, 2)}
+            report_ray(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+            return 0
         single_json = subprocess.run(pin0 + [sys.executable, __file__, "--single-worker", "--src", str(src),
                                              "--model", args.model, "--points-per-side", str(args.points_per_side)],
                                      capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -327,6 +344,17 @@ def report(r: dict) -> None:
         for name, x in rows:
             print(f"  {name:<44} {x['end_to_end_images_per_s']:10.3f} {x['steady_images_per_s']:14.3f}"
                   f"   (load {x['load_average'][0]:.1f})")
+    report_ray(r)
+    if "ray_2_nodes" in r:
+        print(f"Ray one node / single-process command (previews), end to end: "
+              f"{r['ray_1_node']['end_to_end_images_per_s'] / r['command_with_previews_images_per_s']:.2f}×")
+    if "workers" in r:
+        report_workers(r, stages, slowest)
+    seconds_per_1000 = 1000 / r["command_images_per_s"]
+    print(f"\ncost: {seconds_per_1000 / 3600:.2f} core-hours per 1000 images (single-process command, one core)")
+
+
+def report_ray(r: dict) -> None:
     for name in ("ray_1_node", "ray_2_nodes"):
         if name in r:
             x = r[name]
@@ -337,13 +365,6 @@ def report(r: dict) -> None:
         one, two = r["ray_1_node"], r["ray_2_nodes"]
         print(f"Ray two nodes / one node: steady {two['steady_images_per_s'] / one['steady_images_per_s']:.2f}×, "
               f"end to end {two['end_to_end_images_per_s'] / one['end_to_end_images_per_s']:.2f}× (target ≥ 1.7×)")
-        print(f"Ray one node / single-process command (previews), end to end: "
-              f"{one['end_to_end_images_per_s'] / r['command_with_previews_images_per_s']:.2f}×")
-    if "workers" in r:
-        report_workers(r, stages, slowest)
-    seconds_per_1000 = 1000 / r["command_images_per_s"]
-    print(f"\ncost: {seconds_per_1000 / 3600:.2f} core-hours per 1000 images (single-process command, one core)")
-
 
 
 def report_workers(r: dict, stages: dict, slowest: str) -> None:
