@@ -408,3 +408,53 @@ def test_embeddings_only_and_the_tasks_created_webhook_make_first_clicks_encoder
                    json={"task": new["id"], "context": {"result": [_kp(40, 60, True, w, h)]}})
     assert resp.raise_for_status().json()["data"]["result"]
     assert backend.counters["encoder_runs"] == runs, "the imported task's first click ran the encoder"
+
+
+def test_ls_prelabel_in_model_processes_pushes_what_one_process_pushes(label_studio, backend_server, capsys):
+    """`--workers 2`: everything mode in two model processes on this machine, this process pushing each result:
+    the same predictions as `--workers 1`, the task without an image failed (not the run), and a re-run
+    predicts nothing more."""
+    ls = label_studio
+    _, backend = backend_server
+    url = str(ls.base_url).rstrip("/")
+    projects = {}
+    for workers in ("1", "2"):
+        pid, tasks = _project(ls, f"tinysam-prelabel-workers-{workers}", 3)
+        ls.post(f"/api/projects/{pid}/import", json=[{"image": "/data/upload/999/missing.png"}]).raise_for_status()
+        projects[workers] = (pid, [t["id"] for t in tasks])
+    capsys.readouterr()
+
+    def run(workers: str) -> tuple[int, str, str]:
+        code = _run_cli(["ls-prelabel", "--project", str(projects[workers][0]), "--url", url, "--api-key", TOKEN,
+                         "--model", backend.settings.model, "--no-progress", "--points-per-side", "8",
+                         "--min-area", "20", "--max-regions", "5", "--workers", workers])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    for workers in ("1", "2"):
+        code, out, err = run(workers)
+        assert code == 1 and "3 predicted" in out and "1 failed" in out and "missing.png" in err, out + err
+        assert ("2 model processes" in out) == (workers == "2"), out
+
+    def predictions(workers: str) -> list[dict]:
+        pid, task_ids = projects[workers]
+        by_task = {p["task"]: p for p in ls.get("/api/predictions", params={"project": pid}).raise_for_status().json()}
+        assert sorted(by_task) == task_ids  # one per image task, none for the missing image
+        return [by_task[t] for t in task_ids]
+
+    for mine, theirs in zip(predictions("1"), predictions("2")):
+        assert mine["model_version"] == theirs["model_version"]
+        assert mine["score"] == pytest.approx(theirs["score"])
+        strip = [[{k: v for k, v in r.items() if k != "id"} for r in p["result"]] for p in (mine, theirs)]
+        assert strip[0] == strip[1] and strip[0]
+
+    code, out, err = run("2")  # resumes: only the missing image is left, and it still fails
+    assert code == 1 and "0 predicted" in out and "3 already done" in out and "1 failed" in out, out + err
+    assert len(predictions("2")) == 3
+
+
+@pytest.mark.parametrize("flags", [["--ray", "auto", "--workers", "2"], ["--embeddings-only", "--workers", "2"]])
+def test_ls_prelabel_refuses_workers_where_they_do_not_apply(flags, capsys):
+    assert _run_cli(["ls-prelabel", "--project", "1", "--url", "http://127.0.0.1:9", "--api-key", TOKEN,
+                     *flags]) == 2
+    assert "--workers" in capsys.readouterr().err

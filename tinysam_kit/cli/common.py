@@ -60,16 +60,14 @@ def add_workers_argument(parser: argparse.ArgumentParser) -> None:
 
 def choose_workers(args, images: int) -> int:
     """`--workers`: the number given, or `auto_workers`' choice for this device and folder."""
-    if args.workers != "auto":
-        return min(args.workers, max(1, images))
-    from tinysam_kit.inference.batch import auto_workers
+    from tinysam_kit.inference.batch import resolve_workers
     from tinysam_kit.models.device import EngineUnavailableError, resolve_device
 
     try:
         device = resolve_device(args.device).type
     except EngineUnavailableError:
         return 1  # the in-process path reports it
-    return auto_workers(images, device=device, threads=args.threads)
+    return resolve_workers(args.workers, images, device=device, threads=args.threads)
 
 
 def check_ray_arguments(args, batches_need_ray: bool = False) -> None:
@@ -84,6 +82,8 @@ def check_ray_arguments(args, batches_need_ray: bool = False) -> None:
         raise CliError(f"--ray-actors must be at least 1, got {args.ray_actors}")
     if args.ray_actors is not None and not args.ray:
         raise CliError("--ray-actors needs --ray")
+    if args.ray and getattr(args, "workers", "auto") != "auto":
+        raise CliError("--workers sets processes on this machine; on a Ray cluster --ray-actors sizes the pool")
 
 
 def add_offline_argument(parser: argparse.ArgumentParser) -> None:

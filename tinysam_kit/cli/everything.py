@@ -68,8 +68,6 @@ def polygon_tolerance(args) -> float | None:
 def cmd_everything(args) -> int:
     polygon_tolerance(args)  # bad flags fail before any model is loaded
     check_ray_arguments(args)
-    if args.ray and args.workers != "auto":
-        raise CliError("--workers sets processes on this machine; on a Ray cluster --ray-actors sizes the pool")
     from tqdm import tqdm
 
     from tinysam_kit.data.images import load_image

@@ -120,8 +120,6 @@ def prelabel(args) -> int:
     apply_offline(args)
     try:
         check_ray_arguments(args, batches_need_ray=True)
-        if args.ray and args.workers != "auto":
-            raise CliError("--workers sets processes on this machine; on a Ray cluster --ray-actors sizes the pool")
         resolve_model_choice(args.model)  # says here, once, when `auto` falls back to the demo model
         options = EngineOptions.from_mapping(vars(args))
     except (CliError, PolicyError) as exc:

@@ -8,6 +8,7 @@ from tinysam_kit.cli.common import (
     CliError,
     add_offline_argument,
     add_ray_arguments,
+    add_workers_argument,
     apply_offline,
     check_ray_arguments,
 )
@@ -70,7 +71,9 @@ def register(subparsers) -> None:
         "ls-prelabel", help="pre-label every task of a Label Studio project, or only pre-encode its images (resumable)",
         description="Run everything-mode on each task of a project and push the regions (brush masks or polygons) "
                     "as predictions. Tasks that already have a non-empty prediction of the same model_version "
-                    "(model and settings) are skipped, so an interrupted run resumes when started again. With "
+                    "(model and settings) are skipped, so an interrupted run resumes when started again. Everything "
+                    "mode runs in --workers model processes on this machine (or on a Ray cluster with --ray); this "
+                    "process alone talks to Label Studio, pushing each prediction as it arrives. With "
                     "--embeddings-only, only encode the images into the embedding store the backend reads (images "
                     "stored already are skipped), so the first click on each task is as fast as the later ones.")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
@@ -81,8 +84,10 @@ def register(subparsers) -> None:
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("--embeddings-only", action="store_true",
                      help="only encode the tasks' images into the embedding store (TINYSAM_EMBEDDING_STORE), so "
-                          "the first click on each task is fast; predicts nothing; skips images stored already")
+                          "the first click on each task is fast; predicts nothing; skips images stored already; "
+                          "encodes in this process (--workers auto is ignored, a number above 1 refused)")
     add_ray_arguments(pre, "everything mode (task images are downloaded by the nodes)")
+    add_workers_argument(pre)
     _model_args(pre)
     _batch_args(pre)
     pre.set_defaults(func=ls_prelabel)
@@ -125,6 +130,9 @@ def ls_prelabel(args) -> int:
         check_ray_arguments(args, batches_need_ray=True)
         if args.ray and args.embeddings_only:
             raise CliError("--embeddings-only fills this machine's embedding store; it does not run on --ray")
+        if args.embeddings_only and args.workers not in ("auto", 1):
+            raise CliError("--embeddings-only encodes in this process, into the store the backend reads; "
+                           "--workers applies to pre-labelling")
         settings = _settings(args, label_studio_url=args.url, label_studio_api_key=args.api_key)
         client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         # said here first, so the command's own "note:" line is the one the user sees (once)
@@ -141,7 +149,8 @@ def ls_prelabel(args) -> int:
         else:
             stats = prelabel_project(backend, client, args.project, page_size=args.page_size, limit=args.limit,
                                      progress=not args.no_progress, ray_address=args.ray,
-                                     ray_actors=args.ray_actors, batch_size=args.batch_size)
+                                     ray_actors=args.ray_actors, batch_size=args.batch_size,
+                                     workers=args.workers)
     except LabelStudioAPIError as exc:
         print(f"tinysam ls-prelabel: {exc}", file=sys.stderr)
         return 1
@@ -157,7 +166,8 @@ def ls_prelabel(args) -> int:
         errors, failed = warm.errors, warm.failed
     else:
         print(f"project {args.project}: {stats.predicted} predicted, {stats.empty} with no region (not pushed), "
-              f"{stats.skipped} already done, {stats.failed} failed, {stats.regions} regions in {stats.seconds:.1f} s")
+              f"{stats.skipped} already done, {stats.failed} failed, {stats.regions} regions in {stats.seconds:.1f} s"
+              + (f", {stats.workers} model processes" if stats.workers > 1 else ""))
         errors, failed = stats.errors, stats.failed
         if stats.cluster:
             print(stats.cluster, file=sys.stderr)

@@ -383,6 +383,16 @@ def auto_workers(images: int, *, device: str = "cpu", threads: int | None = None
     return max(1, min(cores // max(1, int(threads or 1)), images // MIN_IMAGES_PER_WORKER, by_memory))
 
 
+def resolve_workers(workers: int | str, images: int, *, device: str = "cpu", threads: int | None = None) -> int:
+    """Model processes for `images` images to do: `workers` as given (at most one per image), or `auto_workers`'
+    choice for 'auto' on `device` ("cpu", "cuda", "cuda:1", ...); one for fewer than two images."""
+    if images < 2:
+        return 1
+    if workers == "auto":
+        return auto_workers(images, device=str(device).split(":")[0], threads=threads)
+    return max(1, min(int(workers), images))
+
+
 def _signal_name(exitcode: int | None) -> str:
     if exitcode is None:
         return "still running"

@@ -585,16 +585,13 @@ def _ray_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str],
 
 
 def _workers_for(spec: RunSpec, predictor: TinySamPredictor, todo: int) -> int:
-    """Model processes for this run's everything mode on this machine: 1 for prompt runs, Ray runs and a
-    single sample; `auto` as `inference.batch.auto_workers` decides for this engine's device."""
-    from tinysam_kit.inference.batch import auto_workers
+    """Model processes for this run's everything mode on this machine: 1 for prompt runs and Ray runs, else
+    `inference.batch.resolve_workers` for this engine's device."""
+    from tinysam_kit.inference.batch import resolve_workers
 
-    if spec.task != "everything" or spec.ray_address or todo < 2:
+    if spec.task != "everything" or spec.ray_address:
         return 1
-    if spec.workers == "auto":
-        device = predictor.engine.info.device.split(":")[0]
-        return auto_workers(todo, device=device, threads=spec.options.threads)
-    return min(int(spec.workers), todo)
+    return resolve_workers(spec.workers, todo, device=predictor.engine.info.device, threads=spec.options.threads)
 
 
 def _worker_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str], paths: list[str],

@@ -7,23 +7,29 @@ interruption continues where the last one stopped (at most the task in flight is
 A task where nothing was found gets no prediction (an empty one would only hide it from the next run).
 `--embeddings-only` (`warm_embeddings`) only fills the embedding store, skipping images stored already.
 
-With a Ray address, everything mode runs on the cluster's model actors: this process lists the tasks,
-each node downloads its images itself (`TaskImageLoader`: the backend's allow-list, token and limits), and
-this process pushes each task's prediction as its result arrives — the same predictions as a local run.
+With `workers` above 1 (or 'auto', as `inference.batch.auto_workers` decides for the tasks to do), everything
+mode runs in that many model processes on this machine; with a Ray address, on the cluster's model actors.
+Either way this process lists the tasks, the model processes download the images themselves
+(`TaskImageLoader`: the backend's allow-list, token and limits), and this process alone pushes each task's
+prediction as its result arrives — the same predictions as a run in this process.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import httpx
 
 from tinysam_kit.integrations.labelstudio.backend import BadRequest, TinySamBackend, batch_label
 from tinysam_kit.integrations.labelstudio.fetch import ImageFetchError, LabelStudioAuth, TaskImageLoader
 from tinysam_kit.integrations.labelstudio.label_config import LabelConfig, LabelConfigError, parse_label_config
+
+if TYPE_CHECKING:
+    from tinysam_kit.inference.batch import PrelabelResult
 
 log = logging.getLogger("tinysam_kit.integrations.labelstudio.prelabel")
 
@@ -121,6 +127,7 @@ class PrelabelStats:
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     cluster: str | None = None  # what the Ray cluster did, for runs on one
+    workers: int = 1  # model processes on this machine that ran everything mode (1: this process)
 
 
 def _project_config(client: LabelStudioClient, project_id: int) -> LabelConfig:
@@ -164,10 +171,14 @@ def _push(client: LabelStudioClient, stats: PrelabelStats, task_id: int, predict
 def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project_id: int, *,
                      page_size: int = 50, limit: int | None = None, progress: bool = True,
                      ray_address: str | None = None, ray_actors: int | None = None,
-                     batch_size: int = 1) -> PrelabelStats:
-    """Predict every task of the project not done with this `model_version`, in this process or (with
-    `ray_address`) on a Ray cluster's model actors (`ray_actors` at most, `batch_size` images per encoder call)."""
+                     batch_size: int = 1, workers: int | str = 1) -> PrelabelStats:
+    """Predict every task of the project not done with this `model_version`: in this process, in `workers`
+    model processes on this machine ('auto': `inference.batch.auto_workers`' choice for the tasks to do), or
+    (with `ray_address`, which overrides `workers`) on a Ray cluster's model actors (`ray_actors` at most,
+    `batch_size` images per encoder call). This process alone talks to Label Studio."""
     from tqdm import tqdm
+
+    from tinysam_kit.inference.batch import resolve_workers
 
     config = _project_config(client, project_id)
     try:
@@ -183,40 +194,109 @@ def prelabel_project(backend: TinySamBackend, client: LabelStudioClient, project
         bar.update(1)
         bar.set_postfix(predicted=stats.predicted, empty=stats.empty, skipped=stats.skipped, failed=stats.failed)
 
-    todo: dict[str, str] = {}  # task id -> resolved image URL, for the cluster
+    def predict_here(task: dict) -> None:
+        try:
+            _push(client, stats, task["id"], backend.everything(task, config))
+        except BadRequest as exc:
+            _task_failed(stats, task.get("id"), exc)
+        step()
+
+    # Elsewhere (Ray, or possibly several model processes): list every task first, then predict those to do.
+    collect = bool(ray_address) or workers != 1
+    todo: dict[str, str] = {}  # task id -> resolved image URL
+    tasks: dict[str, dict] = {}  # task id -> what `backend.everything` reads, should one process do them here
+    streams: list = []  # closed at the end, stopping the model processes of an interrupted run at once
     try:
         for task in _project_tasks(client, project_id, page_size, limit, bar):
             stats.seen += 1
             if has_version(task, version):
                 stats.skipped += 1
+                step()
+            elif not collect:
+                predict_here(task)
             else:
                 try:
-                    if ray_address:
-                        todo[str(task["id"])] = backend.batch_image_url(task, config)
-                        continue  # counted when its result arrives
-                    _push(client, stats, task["id"], backend.everything(task, config))
+                    todo[str(task["id"])] = backend.batch_image_url(task, config)  # counted when predicted
+                    if not ray_address:
+                        tasks[str(task["id"])] = {"id": task["id"], "data": task.get("data")}
                 except BadRequest as exc:
                     _task_failed(stats, task.get("id"), exc)
+                    step()
+        if ray_address and todo:
+            streams.append(_results_on_ray(backend, todo, ray_address, ray_actors, batch_size, stats))
+            where = "the cluster's"
+        elif todo:
+            stats.workers = resolve_workers(workers, len(todo), device=backend.predictor.engine.info.device,
+                                            threads=backend.settings.engine_options().threads)
+            if stats.workers == 1:
+                for task in tasks.values():
+                    predict_here(task)
+                return stats
+            streams.append(_results_in_workers(backend, todo, stats.workers))
+            where = "the workers'"
+        else:
+            return stats
+        tasks.clear()
+        streams.append(_predictions(backend, config, streams[0], where))
+        for task_id, prediction in streams[-1]:
+            if isinstance(prediction, str):
+                _task_failed(stats, task_id, prediction)
+            else:
+                _push(client, stats, int(task_id), prediction)
             step()
-        if todo:
-            for task_id, prediction in _predict_on_ray(backend, config, todo, ray_address, ray_actors, batch_size,
-                                                       stats):
-                if isinstance(prediction, str):
-                    _task_failed(stats, task_id, prediction)
-                else:
-                    _push(client, stats, int(task_id), prediction)
-                step()
     finally:
+        for stream in reversed(streams):
+            stream.close()
         bar.close()
         stats.seconds = time.perf_counter() - start
     return stats
 
 
-def _predict_on_ray(backend: TinySamBackend, config: LabelConfig, todo: dict[str, str], address: str,
-                    max_actors: int | None, batch_size: int, stats: PrelabelStats) -> Iterator[tuple[str, dict | str]]:
-    """(task id, prediction or why it failed) per task, as the cluster's actors finish them. The actors load the
-    model this process resolved, with the backend's everything-mode settings, and read images as it would."""
+def _predictions(backend: TinySamBackend, config: LabelConfig, results: Iterable[tuple[str, PrelabelResult]],
+                 where: str) -> Iterator[tuple[str, dict | str]]:
+    """(task id, prediction or why it failed) for each everything-mode result computed outside this process
+    (records as RLE), in arrival order. A result of another model than this process's stops the run: its
+    predictions would carry a `model_version` that does not describe them."""
     from tinysam_kit.inference.encodings.coco import with_binary_masks
+
+    expected = backend.predictor.model_version
+    for task_id, result in results:
+        if result.error is not None:
+            yield task_id, result.error
+        elif result.model_version != expected:
+            raise LabelStudioAPIError(f"{where} model is {result.model_version}, this process's is {expected}: "
+                                      "give every model process the same weights")
+        else:
+            yield task_id, backend.prediction_from_records(with_binary_masks(result.records), config)
+
+
+def _worker_options(backend: TinySamBackend, **changes):
+    """The engine options model processes load: the model this process resolved (so `auto` cannot resolve
+    differently there), with the backend's engine settings and `changes`."""
+    return replace(backend.settings.engine_options(), model=backend.model_choice.name, **changes)
+
+
+def _results_in_workers(backend: TinySamBackend, todo: dict[str, str],
+                        workers: int) -> Iterator[tuple[str, PrelabelResult]]:
+    """(task id, result) per task as `workers` model processes on this machine finish them, each with the
+    backend's threads or its share of the cores. A task whose process died comes back failed ("lost: ...")."""
+    from tinysam_kit.inference.batch import PrelabelResult, WorkerError, run_everything_workers, usable_cores
+
+    threads = backend.settings.engine_options().threads or max(1, usable_cores() // workers)
+    try:
+        for outcome in run_everything_workers(
+                _worker_options(backend, threads=threads), list(todo.items()), None, workers=workers,
+                mode=backend.settings.everything_mode, load=TaskImageLoader.like(backend.fetcher),
+                output_mode="coco_rle", **backend.everything_params):
+            yield outcome.key, (outcome.result if outcome.result is not None
+                                else PrelabelResult(outcome.item, None, outcome.error or "no result"))
+    except WorkerError as exc:
+        raise LabelStudioAPIError(str(exc)) from exc
+
+
+def _results_on_ray(backend: TinySamBackend, todo: dict[str, str], address: str, max_actors: int | None,
+                    batch_size: int, stats: PrelabelStats) -> Iterator[tuple[str, PrelabelResult]]:
+    """(task id, result) per task as the cluster's actors finish them; `stats.cluster` says what it did."""
     from tinysam_kit.integrations.ray import (
         Failure,
         RayRunError,
@@ -225,13 +305,11 @@ def _predict_on_ray(backend: TinySamBackend, config: LabelConfig, todo: dict[str
         iter_everything_on_ray,
     )
 
-    options = replace(backend.settings.engine_options(), model=backend.model_choice.name)
-    expected = backend.predictor.model_version
     summary = RaySummary(len(todo))
     start = time.perf_counter()
     try:
         for task_id, result in iter_everything_on_ray(
-                todo, address=address, options=options, mode=backend.settings.everything_mode,
+                todo, address=address, options=_worker_options(backend), mode=backend.settings.everything_mode,
                 params=backend.everything_params, batch_size=batch_size, max_actors=max_actors,
                 output_mode="coco_rle", load=TaskImageLoader.like(backend.fetcher), summary=summary):
             if result.error is None:
@@ -241,13 +319,7 @@ def _predict_on_ray(backend: TinySamBackend, config: LabelConfig, todo: dict[str
             summary.masks += len(result.records or [])
             summary.seconds = time.perf_counter() - start
             stats.cluster = summary.describe()
-            if result.error is not None:
-                yield task_id, result.error
-            elif result.model_version != expected:
-                raise LabelStudioAPIError(f"the cluster's model is {result.model_version}, this process's is "
-                                          f"{expected}: give every node the same weights")
-            else:
-                yield task_id, backend.prediction_from_records(with_binary_masks(result.records), config)
+            yield task_id, result
     except (RayUnavailableError, RayRunError) as exc:
         raise LabelStudioAPIError(str(exc)) from exc
 
