@@ -142,3 +142,21 @@ def test_no_import_cycles():
     # a package's __init__ re-exporting its own modules is not a cycle of work
     cycles = [c for c in cycles if not all(m == c[0] or m.startswith(c[0] + ".") for m in c)]
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_image_loading_for_remote_processes_does_not_import_torch():
+    """What Ray decode actors and worker processes unpickle to read images (the decode step and the loaders)
+    imports neither PyTorch nor the package's model layers: each of those processes would pay a second of
+    start-up for nothing."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import tinysam_kit.integrations.ray.decode, tinysam_kit.integrations.labelstudio.fetch\n"
+            "import tinysam_kit.data.object_store\n"
+            "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('tinysam_kit.models',\n"
+            "    'tinysam_kit.runtime', 'tinysam_kit.inference')))\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

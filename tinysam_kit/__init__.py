@@ -10,16 +10,33 @@
 
 from __future__ import annotations
 
-from tinysam_kit.data.images import ImageError
-from tinysam_kit.inference.everything import generate_everything
-from tinysam_kit.inference.policy import EngineOptions, resolve_model
-from tinysam_kit.inference.predictor import PromptError, TinySamPredictor
-from tinysam_kit.models.registry import MODELS, load_model
+import importlib
+
 from tinysam_kit.version import __version__
+
+# The public names are imported on first use: importing a light module of the package (image decoding, the
+# object-storage reader) must not import PyTorch, or every Ray decode task and CLI start pays for it.
+_PUBLIC = {
+    "EngineOptions": "tinysam_kit.inference.policy",
+    "ImageError": "tinysam_kit.data.images",
+    "PromptError": "tinysam_kit.inference.predictor",
+    "TinySamPredictor": "tinysam_kit.inference.predictor",
+    "generate_everything": "tinysam_kit.inference.everything",
+    "load_model": "tinysam_kit.models.registry",
+    "resolve_model": "tinysam_kit.inference.policy",
+}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'tinysam_kit' has no attribute {name!r}")
 
 
 def list_models() -> list[str]:
     """Names of the registered models (any checkpoint path works too)."""
+    from tinysam_kit.models.registry import MODELS
+
     return sorted(MODELS)
 
 

@@ -31,26 +31,27 @@ run fails outright, every image written so far stays written, and a re-run does 
 Unreadable images are reported in the summary with their reason; the run goes on.
 """
 
-from tinysam_kit.inference.batch import CocoFolderSink, PrelabelResult, Sink
-from tinysam_kit.integrations.ray.pipeline import (
-    Failure,
-    RayRunError,
-    RaySummary,
-    RayUnavailableError,
-    iter_everything_on_ray,
-    require_ray,
-    run_everything_on_ray,
-)
+import importlib
 
-__all__ = [
-    "CocoFolderSink",
-    "Failure",
-    "PrelabelResult",
-    "RayRunError",
-    "RaySummary",
-    "RayUnavailableError",
-    "Sink",
-    "iter_everything_on_ray",
-    "require_ray",
-    "run_everything_on_ray",
-]
+_PUBLIC = {
+    "CocoFolderSink": "tinysam_kit.inference.batch",
+    "PrelabelResult": "tinysam_kit.inference.batch",
+    "Sink": "tinysam_kit.inference.batch",
+    "Failure": "tinysam_kit.integrations.ray.pipeline",
+    "RayRunError": "tinysam_kit.integrations.ray.pipeline",
+    "RaySummary": "tinysam_kit.integrations.ray.pipeline",
+    "RayUnavailableError": "tinysam_kit.integrations.ray.pipeline",
+    "iter_everything_on_ray": "tinysam_kit.integrations.ray.pipeline",
+    "require_ray": "tinysam_kit.integrations.ray.pipeline",
+    "run_everything_on_ray": "tinysam_kit.integrations.ray.pipeline",
+}
+
+
+def __getattr__(name: str):
+    # imported on first use: the decode tasks' module (`decode`) stays free of PyTorch
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_PUBLIC)

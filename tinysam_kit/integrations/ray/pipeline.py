@@ -8,13 +8,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import numpy as np
 
 from tinysam_kit.data.images import load_image
 from tinysam_kit.inference.batch import BackgroundWriter, PrelabelResult, Sink, everything_batch
 from tinysam_kit.inference.policy import EngineOptions
+from tinysam_kit.integrations.ray.decode import RowDecoder
 
 RAY_VERSION = "2.60.0"  # the release the tests run against (pyproject's `ray` extra pins it)
 # Input rows per Ray Data block: small blocks keep the work lost with a dead node small.
@@ -69,25 +69,6 @@ class RaySummary:
 
 
 # ------------------------------------------------------------------------------------- cluster side
-def decode_rows(batch: dict, load: Callable[[str], np.ndarray] = load_image) -> dict:
-    """CPU task: read and decode images into raw RGB bytes with `load`; an unreadable image (OSError,
-    ValueError) carries its reason instead."""
-    out = {"key": [], "source": [], "pixels": [], "height": [], "width": [], "error": []}
-    for key, source in zip(batch["key"], batch["source"]):
-        try:
-            image = np.ascontiguousarray(load(str(source)), dtype=np.uint8)
-            error = ""
-        except (OSError, ValueError) as exc:
-            image, error = np.zeros((0, 0, 3), np.uint8), f"{type(exc).__name__}: {exc}"
-        out["key"].append(str(key))
-        out["source"].append(str(source))
-        out["pixels"].append(image.tobytes())
-        out["height"].append(image.shape[0])
-        out["width"].append(image.shape[1])
-        out["error"].append(error)
-    return out
-
-
 class EverythingActor:
     """One model per actor, loaded once; each call runs everything mode on a batch of decoded images (the
     batch is encoded in one engine call)."""
@@ -184,8 +165,8 @@ def iter_everything_on_ray(items: Mapping[str, str] | Iterable[tuple[str, str]],
     ds = ray.data.from_items([{"key": k, "source": s} for k, s in items],
                              override_num_blocks=min(len(items), MAX_BLOCKS))
     # Decoding needs no reserved CPU: it is short, and a CPU reserved for it would idle between images.
-    decoded = ds.map_batches(partial(decode_rows, load=load or load_image), batch_size=1, num_cpus=0,
-                             compute=ray.data.TaskPoolStrategy(size=2 * pool_max))
+    decoded = ds.map_batches(RowDecoder, fn_constructor_kwargs={"load": load or load_image}, batch_size=1,
+                             num_cpus=0, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2 * pool_max))
     results = decoded.map_batches(
         EverythingActor, batch_size=max(1, int(batch_size)),
         compute=ray.data.ActorPoolStrategy(min_size=pool_min, max_size=pool_max),
