@@ -15,7 +15,7 @@ import importlib
 from tinysam_kit.version import __version__
 
 # The public names are imported on first use: importing a light module of the package (image decoding, the
-# object-storage reader) must not import PyTorch, or every Ray decode task and CLI start pays for it.
+# object-storage reader) must not import PyTorch, or every Ray decode actor and CLI start pays for it.
 _PUBLIC = {
     "EngineOptions": "tinysam_kit.inference.policy",
     "ImageError": "tinysam_kit.data.images",

@@ -10,9 +10,9 @@
 
 `items` maps each image's key to where every node can read it: a path on a shared filesystem, or an
 object URL read with `load=ObjectLoader(storage_options)` (`tinysam_kit.data.object_store`). The pipeline
-is Ray Data: light CPU tasks read and decode the images, an autoscaling pool of actors with one model each
-(`num_gpus=1` per actor where the cluster has GPUs, otherwise `--threads` CPUs each) runs everything mode,
-and the driver hands each finished image to the sink. `iter_everything_on_ray` yields `(key, result)` pairs
+is Ray Data: a pool of light actors (no CPU reserved, no PyTorch) reads and decodes the images, an
+autoscaling pool of actors with one model each (`num_gpus=1` per actor where the cluster has GPUs, otherwise
+`--threads` CPUs each) runs everything mode, and the driver hands each finished image to the sink. `iter_everything_on_ray` yields `(key, result)` pairs
 instead, for callers that store results themselves.
 
 The sink protocol (`tinysam_kit.inference.batch.Sink`), which FiftyOne, Label Studio or any other store
@@ -48,7 +48,7 @@ _PUBLIC = {
 
 
 def __getattr__(name: str):
-    # imported on first use: the decode tasks' module (`decode`) stays free of PyTorch
+    # imported on first use: the decode actors' module (`decode`) stays free of PyTorch
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The Ray Data pipeline behind `tinysam everything --ray`: decode tasks → model actors → the driver's sink."""
+"""The Ray Data pipeline behind `tinysam everything --ray`: decode actors → model actors → the driver's sink."""
 
 from __future__ import annotations
 
