@@ -12,8 +12,8 @@
 object URL read with `load=ObjectLoader(storage_options)` (`tinysam_kit.data.object_store`). The pipeline
 is Ray Data: a pool of light actors (no CPU reserved, no PyTorch) reads and decodes the images, an
 autoscaling pool of actors with one model each (`num_gpus=1` per actor where the cluster has GPUs, otherwise
-`--threads` CPUs each) runs everything mode, and the driver hands each finished image to the sink. `iter_everything_on_ray` yields `(key, result)` pairs
-instead, for callers that store results themselves.
+`--threads` CPUs each) runs everything mode, and the driver hands each finished image to the sink.
+`iter_everything_on_ray` yields `(key, result)` pairs instead, for callers that store results themselves.
 
 The sink protocol (`tinysam_kit.inference.batch.Sink`), which FiftyOne, Label Studio or any other store
 implements:
