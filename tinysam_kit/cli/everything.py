@@ -127,12 +127,12 @@ def _everything_in_workers(args, workers: int, todo: list, keys: list, root: Pat
     """The single-process run's files, written by `workers` model processes (one thread each unless --threads)."""
     from tqdm import tqdm
 
-    from tinysam_kit.inference.batch import CocoFolderSink, WorkerError, run_everything_workers, usable_cores
+    from tinysam_kit.inference.batch import CocoFolderSink, WorkerError, run_everything_workers, worker_threads
     from tinysam_kit.inference.policy import EngineOptions, PolicyError, everything_params
     from tinysam_kit.models.registry import model_name_of
 
     model = resolve_model_choice(args.model)
-    threads = args.threads or max(1, usable_cores() // workers)
+    threads = worker_threads(args.threads, workers)
     try:
         options = EngineOptions(model, args.engine, args.precision, args.device, threads)
     except PolicyError as exc:

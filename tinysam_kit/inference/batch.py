@@ -393,6 +393,11 @@ def resolve_workers(workers: int | str, images: int, *, device: str = "cpu", thr
     return max(1, min(int(workers), images))
 
 
+def worker_threads(threads: int | None, workers: int) -> int:
+    """PyTorch threads per model process: `threads` when given, else the process's share of the usable cores."""
+    return int(threads) if threads else max(1, usable_cores() // max(1, workers))
+
+
 def _signal_name(exitcode: int | None) -> str:
     if exitcode is None:
         return "still running"

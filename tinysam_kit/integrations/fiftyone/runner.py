@@ -598,9 +598,9 @@ def _worker_outcomes(spec: RunSpec, predictor: TinySamPredictor, ids: list[str],
                      workers: int) -> Iterator[tuple[str, str, Outcome]]:
     """(sample id, filepath, outcome) per sample, as `workers` model processes on this machine finish them
     (each with `threads` or its share of the cores); this process stays the only database writer."""
-    from tinysam_kit.inference.batch import run_everything_workers, usable_cores
+    from tinysam_kit.inference.batch import run_everything_workers, worker_threads
 
-    threads = spec.options.threads or max(1, usable_cores() // workers)
+    threads = worker_threads(spec.options.threads, workers)
     options = replace(spec.options, model=predictor.model_choice.name, threads=threads)
     path_of = dict(zip(ids, paths))
     for outcome in run_everything_workers(options, list(path_of.items()), None, workers=workers,

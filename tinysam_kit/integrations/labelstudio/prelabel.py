@@ -280,9 +280,9 @@ def _results_in_workers(backend: TinySamBackend, todo: dict[str, str],
                         workers: int) -> Iterator[tuple[str, PrelabelResult]]:
     """(task id, result) per task as `workers` model processes on this machine finish them, each with the
     backend's threads or its share of the cores. A task whose process died comes back failed ("lost: ...")."""
-    from tinysam_kit.inference.batch import PrelabelResult, WorkerError, run_everything_workers, usable_cores
+    from tinysam_kit.inference.batch import PrelabelResult, WorkerError, run_everything_workers, worker_threads
 
-    threads = backend.settings.engine_options().threads or max(1, usable_cores() // workers)
+    threads = worker_threads(backend.settings.engine_options().threads, workers)
     try:
         for outcome in run_everything_workers(
                 _worker_options(backend, threads=threads), list(todo.items()), None, workers=workers,
